@@ -1,0 +1,1356 @@
+"""Train a denoising diffusion probabilistic model (DDPM) on CIFAR-10 or a folder of images.
+
+One file, read top to bottom: config and presets, data, the DDPM UNet, Gaussian diffusion with its
+samplers, the training loop, checkpoints, and the command line.
+
+    python train_ddpm.py --mode train                          # menu of presets on a terminal
+    python train_ddpm.py --mode train --preset quick_test      # a few minutes on a CPU
+    python train_ddpm.py --mode train --preset ddpm_paper      # Ho et al. 2020, exactly
+    python train_ddpm.py --mode train --run_name quick_test_ts100 --resume latest
+    python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler ddim --sampling_steps 50
+
+Presets: quick_test, cifar10, cifar10_optimized, ddpm_paper, best_quality, fastest, low_memory.
+
+Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
+Song, Meng & Ermon 2021 (DDIM).
+"""
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class UserError(Exception):
+    """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
+
+
+# --- Config and presets ------------------------------------------------------------------------
+
+def _field(default, help, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a training run depends on. Flags, the menu and checkpoints are all built from it.
+
+    Precedence, lowest first: these defaults <- preset <- checkpoint (on resume) <- explicit flags.
+    """
+    # run
+    preset: str = _field("cifar10", "preset the run started from")
+    run_name: str = _field("", "run directory under checkpoint_dir and samples_dir (default: <preset>_ts<timesteps>)")
+    checkpoint_dir: str = _field("checkpoints", "where run directories with checkpoints and logs go")
+    samples_dir: str = _field("samples", "where run directories with preview grids and samples go")
+    # data
+    dataset: str = _field("cifar10", "training images", choices=("cifar10", "folder"))
+    data_dir: str = _field("./data", "CIFAR-10 download folder, or the image folder for --dataset folder")
+    image_size: int = _field(32, "image side in pixels (folder images are resized and center-cropped)")
+    flip: bool = _field(True, "random horizontal flips (--no_flip to disable)")
+    train_subset: int = _field(0, "train on the first N images only (0 = all), for quick runs")
+    # model: the DDPM UNet (Ho et al. 2020, Appendix B)
+    base_channels: int = _field(128, "UNet width at full resolution", aliases=("hidden_dim",))
+    channel_mults: tuple = _field((1, 2, 2, 2), "width multiplier per resolution level, e.g. 1,2,2,2")
+    num_res_blocks: int = _field(2, "residual blocks per resolution level")
+    use_attention: bool = _field(True, "self-attention blocks at all (off: no attention anywhere)")
+    attn_resolutions: tuple = _field((16,), "resolutions with self-attention, e.g. 16 or 16,8")
+    dropout: float = _field(0.1, "dropout inside residual blocks")
+    emb_dim: int = _field(512, "width of the timestep-embedding MLP", aliases=("time_emb_dim",))
+    # diffusion
+    timesteps: int = _field(1000, "number of diffusion steps T")
+    schedule_type: str = _field("linear", "beta schedule", choices=("linear", "cosine"))
+    beta_start: float = _field(1e-4, "first beta of the linear schedule")
+    beta_end: float = _field(0.02, "last beta of the linear schedule")
+    cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)")
+    # optimisation
+    learning_rate: float = _field(2e-4, "peak AdamW learning rate")
+    weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
+    warmup_steps: int = _field(1000, "linear learning-rate warmup, in optimizer steps")
+    scheduler: str = _field("cosine_restarts", "learning rate after warmup", choices=("cosine_restarts", "constant"))
+    restart_period: int = _field(10, "epochs until the first warm restart (CosineAnnealingWarmRestarts T_0)")
+    restart_mult: int = _field(1, "each restart period is this many times longer (T_mult)")
+    min_lr: float = _field(1e-6, "lowest learning rate of the cosine schedule")
+    grad_clip: float = _field(0.5, "clip gradients to this global norm (0 = no clipping)")
+    ema_decay: float = _field(0.9999, "EMA decay of the weights used for previews and sampling")
+    batch_size: int = _field(128, "images per optimizer step")
+    epochs: int = _field(500, "passes over the training set")
+    max_steps: int = _field(0, "stop after this many optimizer steps in total (0 = no limit)")
+    seed: int = _field(0, "seed for weights, data order, noise and previews")
+    device: str = _field("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)")
+    # monitoring and saving
+    log_every: int = _field(50, "write a loss-log row every this many steps")
+    sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)")
+    num_preview: int = _field(10, "images in each preview grid")
+    preview_steps: int = _field(50, "DDIM steps used for previews")
+    save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)")
+    keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)")
+
+
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# A resumed run may change only how it is driven and watched; anything else would silently make it
+# a different run (architecture, schedule, optimisation, data order).
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "num_workers", "data_dir", "log_every",
+                     "sample_every", "num_preview", "preview_steps", "save_every", "keep_last",
+                     "checkpoint_dir", "samples_dir", "run_name")
+
+# Presets hold overrides of Config only, so a typo in a key fails at import (Config(**preset)).
+PRESETS = {
+    "quick_test": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128,
+                       dropout=0.0, timesteps=100, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+                       restart_period=1, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
+                       save_every=1),
+    "cifar10": dict(),
+    "cifar10_optimized": dict(base_channels=64, emb_dim=256, learning_rate=3e-4, epochs=300,
+                              restart_period=50),
+    "ddpm_paper": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+                       attn_resolutions=(16,), dropout=0.1, emb_dim=512, timesteps=1000,
+                       schedule_type="linear", beta_start=1e-4, beta_end=0.02, learning_rate=2e-4,
+                       weight_decay=0.0, warmup_steps=5000, scheduler="constant", grad_clip=1.0,
+                       ema_decay=0.9999, batch_size=128, epochs=2048, max_steps=800_000, save_every=25),
+    "best_quality": dict(timesteps=2000, schedule_type="cosine", batch_size=256, learning_rate=2e-4,
+                         emb_dim=256, epochs=800, restart_period=100),
+    "fastest": dict(base_channels=64, channel_mults=(1, 2, 2), use_attention=False, emb_dim=256,
+                    timesteps=500, batch_size=256, learning_rate=5e-4, epochs=200, restart_period=25),
+    "low_memory": dict(base_channels=64, emb_dim=256, batch_size=32, learning_rate=1e-4,
+                       epochs=200, restart_period=25),
+}
+for _overrides in PRESETS.values():
+    Config(**_overrides)
+
+PRESET_NOTES = {
+    "quick_test": "tiny UNet (1.1M), T=100, 5 epochs of 5,000 images: the whole pipeline on a CPU in minutes",
+    "cifar10": "standard DDPM UNet (35.7M), T=1000 linear, batch 128, lr 2e-4, cosine restarts",
+    "cifar10_optimized": "half-width UNet (9M), lr 3e-4: most of the quality for a third of the compute",
+    "ddpm_paper": "Ho et al. 2020 exactly: 35.7M UNet, Adam 2e-4, 800k steps, constant LR, clip 1.0",
+    "best_quality": "35.7M UNet, T=2000 cosine schedule, batch 256",
+    "fastest": "small UNet without attention, T=500, batch 256, lr 5e-4",
+    "low_memory": "half-width UNet at batch 32: fits in about 2 GB of GPU memory",
+}
+DEFAULT_PRESET = "cifar10_optimized"
+
+
+def default_run_name(cfg):
+    return f"{cfg.preset}_ts{cfg.timesteps}"
+
+
+def validate_config(cfg):
+    """Range-check every field before any work starts; raise UserError naming the flag."""
+    checks = [
+        (cfg.timesteps >= 2, "--timesteps must be at least 2"),
+        (cfg.image_size >= 4, "--image_size must be at least 4"),
+        (cfg.base_channels >= 1, "--base_channels must be positive"),
+        (len(cfg.channel_mults) >= 1 and min(cfg.channel_mults) >= 1,
+         "--channel_mults needs one or more positive integers, e.g. 1,2,2,2"),
+        (cfg.num_res_blocks >= 1, "--num_res_blocks must be at least 1"),
+        (0.0 <= cfg.dropout < 1.0, "--dropout must be in [0, 1)"),
+        (cfg.emb_dim >= 1, "--emb_dim must be positive"),
+        (cfg.cosine_s > 0, "--cosine_s must be positive"),
+        (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
+        (cfg.weight_decay >= 0, "--weight_decay must be >= 0"),
+        (cfg.warmup_steps >= 0, "--warmup_steps must be >= 0"),
+        (cfg.restart_period >= 1, "--restart_period must be at least 1 epoch"),
+        (cfg.restart_mult >= 1, "--restart_mult must be at least 1"),
+        (0 <= cfg.min_lr < cfg.learning_rate, "--min_lr must be >= 0 and below --learning_rate"),
+        (cfg.grad_clip >= 0, "--grad_clip must be >= 0 (0 turns clipping off)"),
+        (0.0 <= cfg.ema_decay < 1.0, "--ema_decay must be in [0, 1)"),
+        (cfg.batch_size >= 1, "--batch_size must be at least 1"),
+        (cfg.epochs >= 1, "--epochs must be at least 1"),
+        (cfg.max_steps >= 0, "--max_steps must be >= 0 (0 = no limit)"),
+        (cfg.num_workers >= 0, "--num_workers must be >= 0"),
+        (cfg.train_subset >= 0, "--train_subset must be >= 0 (0 = all images)"),
+        (cfg.log_every >= 1, "--log_every must be at least 1"),
+        (cfg.sample_every >= 0, "--sample_every must be >= 0 (0 = no previews)"),
+        (cfg.num_preview >= 1, "--num_preview must be at least 1"),
+        (1 <= cfg.preview_steps <= cfg.timesteps, f"--preview_steps must be in 1..{cfg.timesteps} (the timesteps)"),
+        (cfg.save_every >= 1, "--save_every must be at least 1"),
+        (cfg.keep_last >= 0, "--keep_last must be >= 0 (0 = keep all)"),
+        (cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}"),
+        ("/" not in cfg.run_name and cfg.run_name not in (".", ".."), "--run_name must be a plain name, not a path"),
+    ]
+    if cfg.schedule_type == "linear":
+        checks.append((0 < cfg.beta_start < cfg.beta_end < 1,
+                       f"need 0 < --beta_start < --beta_end < 1 (got {cfg.beta_start:g} and {cfg.beta_end:g})"))
+    levels = len(cfg.channel_mults) - 1
+    checks.append((cfg.image_size % 2 ** levels == 0,
+                   f"--image_size {cfg.image_size} must be a multiple of {2 ** levels} "
+                   f"for {len(cfg.channel_mults)} resolution levels"))
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# --- Data: CIFAR-10 pickles or an image folder, held as one uint8 tensor -------------------------
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10 batches are pickles: allow the few numpy classes they hold and nothing that runs code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_cifar10_train(data_dir):
+    """The 50,000 CIFAR-10 training images as uint8 (N, 3, 32, 32), downloading them if missing."""
+    folder = Path(data_dir) / "cifar-10-batches-py"
+    if not all((folder / name).is_file() for name in CIFAR10_TRAIN_BATCHES):
+        download_cifar10(data_dir)
+    batches = []
+    for name in CIFAR10_TRAIN_BATCHES:
+        try:
+            with open(folder / name, "rb") as f:
+                batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
+            batches.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        except Exception as e:
+            raise UserError(f"{folder / name} is not a readable CIFAR-10 batch ({e}); delete "
+                            f"{folder} and run again to download it afresh") from None
+    return np.concatenate(batches)
+
+
+def download_cifar10(data_dir):
+    # torchvision checks the archive's md5; our own reader above then loads the pickles.
+    import torchvision
+    try:
+        torchvision.datasets.CIFAR10(root=str(data_dir), train=True, download=True)
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"CIFAR-10 is not in {data_dir} and could not be downloaded ({reason}); get "
+                        f"{CIFAR10_URL} and extract it into {data_dir} so that "
+                        f"{Path(data_dir) / 'cifar-10-batches-py' / 'data_batch_1'} exists, "
+                        f"or train on your own images with --dataset folder --data_dir DIR") from None
+
+
+def load_image_folder(data_dir, image_size, num_workers):
+    """Every .png/.jpg/.jpeg under data_dir (recursively) as RGB uint8 (N, 3, S, S): resized so the
+    short side is S, then center-cropped. Decoded once, so training never waits on files."""
+    from PIL import Image, ImageOps
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"--data_dir {data_dir} is not a folder; point it at a folder of .png/.jpg images")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise UserError(f"no .png/.jpg/.jpeg images under {data_dir}")
+
+    def decode(path):
+        try:
+            with Image.open(path) as img:
+                img = ImageOps.fit(img.convert("RGB"), (image_size, image_size), Image.BICUBIC)
+                return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({e}); remove it or fix it") from None
+
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        images = list(tqdm(pool.map(decode, paths), total=len(paths), desc="decoding images",
+                           unit="img", leave=False, disable=len(paths) < 1000))
+    return np.stack(images)
+
+
+def load_dataset(cfg):
+    """The training set as one uint8 tensor (N, 3, S, S)."""
+    if cfg.dataset == "cifar10":
+        if cfg.image_size != 32:
+            raise UserError("CIFAR-10 images are 32x32: drop --image_size or use --dataset folder")
+        images = load_cifar10_train(cfg.data_dir)
+    else:
+        images = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers)
+    if cfg.train_subset:
+        images = images[:cfg.train_subset]
+    return torch.from_numpy(images)
+
+
+def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0):
+    """Yield the batches of one epoch as float tensors in [-1, 1], (B, 3, S, S), on images' device.
+
+    The order and the flips are a pure function of (seed, epoch), so a resumed run sees exactly the
+    batches it would have seen; start_batch skips the ones already trained on.
+    """
+    n = len(images)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).to(images.device)
+    flips = (torch.rand(n, generator=g) < 0.5).to(images.device)
+    for i in range(start_batch, steps_per_epoch(n, batch_size)):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        x = images[idx].float() / 127.5 - 1.0
+        if flip:
+            x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
+        yield x
+
+
+def steps_per_epoch(num_images, batch_size):
+    # Drop the last partial batch so every step sees the same batch size, as the paper's input pipeline.
+    return max(1, num_images // batch_size)
+
+
+# --- Model: timestep embedding, ResBlock, AttnBlock, UNet (Ho et al. 2020) -----------------------
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of integer timesteps, as in Ho et al.'s code: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def group_norm(channels):
+    # 32 groups as in the paper; narrower test models fall back to the largest divisor of 32.
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+def zero_init(module):
+    # The paper's code starts each residual branch and the output at zero (init_scale=0), so the
+    # untrained network is the identity map plus a zero prediction.
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # 3 x (B, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
+        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, optional attention after."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attn=False):
+        super().__init__()
+        self.norm1 = group_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = group_norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.attn(self.skip(x) + h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, emb):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x, emb):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class UNet(nn.Module):
+    """The DDPM noise predictor eps_theta(x_t, t): (B, C, S, S), (B,) int64 -> (B, C, S, S).
+
+    With the defaults (128 channels, mults 1-2-2-2, 2 blocks, attention at 16x16) it is the
+    35.7M-parameter CIFAR-10 model of Ho et al. 2020.
+    """
+
+    def __init__(self, image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, emb_dim=512, use_attention=True):
+        super().__init__()
+        self.base_channels = base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.head = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        attn_at = set(attn_resolutions) if use_attention else set()
+
+        self.down, skip_channels = nn.ModuleList(), [base_channels]
+        ch, res = base_channels, image_size
+        for level, mult in enumerate(channel_mults):
+            for _ in range(num_res_blocks):
+                self.down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout, attn=res in attn_at))
+                ch = base_channels * mult
+                skip_channels.append(ch)
+            if level < len(channel_mults) - 1:
+                self.down.append(Downsample(ch))
+                res //= 2
+                skip_channels.append(ch)
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, attn=use_attention),
+                                  ResBlock(ch, ch, emb_dim, dropout)])
+
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mults))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout,
+                                        attn=res in attn_at))
+                ch = base_channels * mult
+            if level > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        self._init_weights()
+
+    def _init_weights(self):
+        # Ho et al. use variance_scaling(fan_avg, uniform) = Xavier-uniform, zero biases; the
+        # zero-initialised layers were set in their constructors and are skipped here.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.abs().sum() > 0:
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, t):
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        h = self.head(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for block in self.up:
+            if isinstance(block, ResBlock):
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb)
+        return self.out(h)
+
+
+def build_model(cfg):
+    return UNet(image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+                num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
+                dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- Diffusion: beta schedules and GaussianDiffusion (q, posterior, loss) -------------------------
+
+def make_beta_schedule(kind, timesteps, beta_start=1e-4, beta_end=0.02, cosine_s=0.008):
+    """Betas as a float64 tensor [T].
+
+    linear: evenly spaced from beta_start to beta_end (Ho et al. 2020).
+    cosine: alpha_bar(t) = f(t) / f(0), f(t) = cos(((t / T + s) / (1 + s)) * pi / 2)^2, and
+            beta_t = 1 - alpha_bar(t + 1) / alpha_bar(t), clipped at 0.999 (Nichol & Dhariwal 2021, eq. 17).
+    """
+    if kind == "linear":
+        return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if kind == "cosine":
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        f = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"unknown beta schedule {kind!r}; choose from linear, cosine")
+
+
+def _extract(buffer, t, x):
+    """buffer[t] cast to x's dtype and shaped (B, 1, 1, 1) to broadcast against x."""
+    return buffer[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+class GaussianDiffusion(nn.Module):
+    """The forward process q and the quantities the samplers need, in the names of improved-diffusion.
+
+    `t` is an int64 tensor of indices in [0, T); t = 0 is the first noising step, so x_t at t = 0
+    is the least noisy latent. Buffers are float64 and cast to the data's dtype when used.
+    """
+
+    def __init__(self, betas):
+        super().__init__()
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        assert betas.dim() == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be in (0, 1]"
+        self.num_timesteps = len(betas)
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # The posterior variance is 0 at t = 0; like Ho et al., log it with the value at t = 1 there.
+        first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
+        buffers = dict(
+            betas=betas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            # q(x_t | x_0)
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1).sqrt(),
+            # posterior q(x_{t-1} | x_t, x_0)
+            posterior_variance=posterior_variance,
+            posterior_log_variance_clipped=torch.cat([first, posterior_variance[1:]]).log(),
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            # reverse-process variance sigma_t^2 = beta_t ("fixedlarge", the paper's CIFAR-10 choice)
+            log_betas_fixedlarge=torch.cat([first, betas[1:]]).log(),
+        )
+        for name, value in buffers.items():
+            self.register_buffer(name, value)
+
+    def q_sample(self, x_start, t, noise):
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. eq. 4)."""
+        return (_extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + _extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def predict_xstart_from_eps(self, x_t, t, eps):
+        """Invert eq. 4: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7)."""
+        mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        return (mean, _extract(self.posterior_variance, t, x_t),
+                _extract(self.posterior_log_variance_clipped, t, x_t))
+
+    def p_mean_variance(self, eps, x_t, t, clip_denoised=True, var_type="fixedlarge"):
+        """Mean and log-variance of p(x_{t-1} | x_t) from a noise prediction (Ho et al. sec. 3.2)."""
+        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, log_variance = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        if var_type == "fixedlarge":
+            log_variance = _extract(self.log_betas_fixedlarge, t, x_t)
+        return mean, log_variance
+
+    def loss(self, model, x_start, t=None, noise=None):
+        """L_simple (Ho et al. Algorithm 1, eq. 14): the MSE between the noise and its prediction."""
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        return F.mse_loss(model(self.q_sample(x_start, t, noise), t), noise)
+
+    def respace(self, timesteps):
+        """The Markov chain that visits only `timesteps` (increasing): betas recomputed from alpha_bar
+        so that it has the same marginals q(x_t | x_0) there (improved-diffusion's respacing)."""
+        if len(timesteps) == self.num_timesteps:
+            return self
+        alphas_cumprod = self.alphas_cumprod[timesteps.to(self.alphas_cumprod.device)]
+        prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        return GaussianDiffusion(1.0 - alphas_cumprod / prev).to(self.betas.device)
+
+    def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, generator=None,
+               clip_denoised=True, var_type="fixedlarge", noise=None, progress=False):
+        """Generate images (B, C, H, W), in [-1, 1] when clip_denoised. `model(x_t, t)` predicts the noise."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        kwargs = dict(eta=eta) if sampler == "ddim" else dict(var_type=var_type)
+        was_training = getattr(model, "training", False)
+        if was_training:
+            model.eval()  # dropout off while sampling
+        try:
+            return SAMPLERS[sampler](model, self, shape, steps=steps, generator=generator,
+                                     clip_denoised=clip_denoised, noise=noise, progress=progress, **kwargs)
+        finally:
+            if was_training:
+                model.train()
+
+
+# --- Samplers: DDPM ancestral and DDIM ------------------------------------------------------------
+
+def strided_timesteps(num_timesteps, steps):
+    """`steps` timesteps evenly spread over [0, T - 1], both ends included, as int64 (increasing)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
+    if steps == 1:
+        return torch.tensor([num_timesteps - 1])
+    return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
+
+
+def _initial_noise(shape, noise, generator, device):
+    if noise is not None:
+        return noise.to(device)
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def _progress(iterable, enabled, desc):
+    return tqdm(iterable, desc=desc, leave=False, disable=not enabled)
+
+
+@torch.no_grad()
+def ddpm_sample(model, diffusion, shape, *, steps=None, generator=None, clip_denoised=True,
+                var_type="fixedlarge", noise=None, progress=False):
+    """Ancestral sampling, Ho et al. 2020 Algorithm 2; with steps < T, on the respaced chain."""
+    device = diffusion.betas.device
+    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps)
+    chain = diffusion.respace(timesteps)
+    x = _initial_noise(shape, noise, generator, device)
+    for i in _progress(reversed(range(len(timesteps))), progress, "ddpm sampling"):
+        t_chain = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        t_model = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+        mean, log_variance = chain.p_mean_variance(model(x, t_model), x, t_chain, clip_denoised, var_type)
+        if i > 0:
+            x = mean + (0.5 * log_variance).exp() * torch.randn(shape, generator=generator, device=device)
+        else:
+            x = mean  # no noise at the last step
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model, diffusion, shape, *, steps=None, eta=0.0, generator=None, clip_denoised=True,
+                noise=None, progress=False):
+    """DDIM, Song et al. 2021 eq. 12, over evenly strided timesteps; eta = 0 is deterministic and
+    eta = 1 matches the DDPM posterior variance."""
+    device = diffusion.betas.device
+    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps)
+    # Read the coefficients once on the host so the loop does not sync with the GPU.
+    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(device)].cpu().tolist()
+    x = _initial_noise(shape, noise, generator, device)
+    for i in _progress(reversed(range(len(timesteps))), progress, "ddim sampling"):
+        t_cur = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+        abar, abar_next = alphas_cumprod[i], (alphas_cumprod[i - 1] if i > 0 else 1.0)
+        eps = model(x, t_cur)
+        pred_xstart = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+            eps = (x - math.sqrt(abar) * pred_xstart) / math.sqrt(1 - abar)
+        sigma = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
+        x = math.sqrt(abar_next) * pred_xstart + math.sqrt(max(1 - abar_next - sigma ** 2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+
+def build_diffusion(cfg):
+    return GaussianDiffusion(make_beta_schedule(cfg.schedule_type, cfg.timesteps, cfg.beta_start,
+                                                cfg.beta_end, cfg.cosine_s))
+
+
+def to_uint8(images):
+    """(B, C, H, W) in [-1, 1] -> numpy uint8 (B, H, W, C), the layout FID tools read."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow=None):
+    """Write a grid PNG of images in [-1, 1]; at most 10 per row keeps 32px images legible."""
+    import torchvision
+    nrow = nrow or min(10, len(images))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, str(tmp), nrow=nrow, format="png")
+    os.replace(tmp, path)
+
+
+# --- Training utilities: EMA, LR schedule, loss log, checkpoints ----------------------------------
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warmup of the decay,
+    min(decay, (1 + step) / (10 + step)), so early previews come from recent weights, not the init."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay_at(self, step):
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model, step):
+        ema_params, params = list(self.model.parameters()), list(model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
+
+
+class LRSchedule:
+    """Linear warmup over warmup_steps, then either a constant LR (the paper) or PyTorch's
+    CosineAnnealingWarmRestarts stepped every iteration with the fractional epoch since warmup."""
+
+    def __init__(self, optimizer, cfg, steps_per_epoch):
+        self.optimizer, self.base_lr = optimizer, cfg.learning_rate
+        self.warmup_steps, self.steps_per_epoch = cfg.warmup_steps, steps_per_epoch
+        self.restarts = None
+        if cfg.scheduler == "cosine_restarts":
+            self.restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+                optimizer, T_0=cfg.restart_period, T_mult=cfg.restart_mult, eta_min=cfg.min_lr)
+
+    def set_step(self, step):
+        """Set the LR for optimizer update number `step` (0-based) and return it."""
+        if step < self.warmup_steps:
+            lr = self.base_lr * (step + 1) / self.warmup_steps
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        elif self.restarts is not None:
+            self.restarts.step((step - self.warmup_steps) / self.steps_per_epoch)
+        else:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.base_lr
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self):
+        return self.restarts.state_dict() if self.restarts is not None else {}
+
+    def load_state_dict(self, state):
+        if self.restarts is not None:
+            self.restarts.load_state_dict(state)
+
+
+LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "session")
+
+
+class LossLog:
+    """checkpoints/<run>/loss_log.csv, one row per log_every steps, flushed as it goes.
+
+    On resume the rows after the checkpoint's step (written after the last save) are dropped, so
+    the log continues exactly from the checkpoint instead of repeating steps.
+    """
+
+    def __init__(self, path, resume_step=None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+            self._rewrite(rows)
+        else:
+            self._rewrite([])
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOSS_LOG_COLUMNS)
+
+    def _rewrite(self, rows):
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOSS_LOG_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, **row):
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+def checkpoint_name(timesteps, epoch):
+    return f"ddpm_ts{timesteps}_epoch{epoch:04d}.pt"
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or
+    the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def point_latest_at(checkpoint_path):
+    """Make latest.pt the same file as checkpoint_path: a hard link renamed into place (atomic,
+    no second copy on disk), or an atomic copy where the file system has no hard links."""
+    checkpoint_path = Path(checkpoint_path)
+    latest = checkpoint_path.with_name("latest.pt")
+    tmp = latest.with_name(f".latest.pt.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint_path, tmp)
+        os.replace(tmp, latest)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_torch_save(torch.load(checkpoint_path, map_location="cpu", weights_only=True), latest)
+    _fsync_dir(latest.parent)
+
+
+def epoch_checkpoints(run_dir):
+    return sorted(Path(run_dir).glob("ddpm_ts*_epoch*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def prune_checkpoints(run_dir, keep_last):
+    if keep_last > 0:
+        for old in epoch_checkpoints(run_dir)[:-keep_last]:
+            old.unlink()
+
+
+def find_latest_checkpoint(run_dir):
+    """latest.pt in run_dir, else the newest epoch checkpoint; None when the folder holds none."""
+    run_dir = Path(run_dir)
+    if (run_dir / "latest.pt").is_file():
+        return run_dir / "latest.pt"
+    found = epoch_checkpoints(run_dir) if run_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+def config_from_dict(values):
+    """A Config from a saved dict: lists back to tuples, unknown keys (from other versions) ignored."""
+    known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in CONFIG_FIELDS}
+    return Config(**known)
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, loaded without running any pickled code (weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = next((line for line in lines if "Unpickler error" in line), lines[0])
+        others = [p.name for p in epoch_checkpoints(path.parent) if p.resolve() != path.resolve()]
+        hint = f"; other checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({reason[:200]}){hint}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise UserError(f"{path} is not a train_ddpm.py checkpoint (no model and config inside)")
+    return ckpt
+
+
+def load_checkpoint(path, use_ema=True, device="cpu"):
+    """Load a checkpoint for sampling: returns (model in eval mode, diffusion, Config).
+
+    The architecture and schedule come from the checkpoint's config; the weights are the EMA
+    weights unless use_ema=False.
+    """
+    ckpt = read_checkpoint(path)
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    return model.to(device).eval(), build_diffusion(cfg).to(device), cfg
+
+
+def resolve_checkpoint_path(path):
+    """A checkpoint file, or a run folder meaning its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"no checkpoints in {path}; train first or name a .pt file")
+        return found
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+# --- Training loop --------------------------------------------------------------------------------
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class RunPaths:
+    checkpoints: Path
+    samples: Path
+
+    @classmethod
+    def of(cls, cfg):
+        return cls(Path(cfg.checkpoint_dir) / cfg.run_name, Path(cfg.samples_dir) / cfg.run_name)
+
+    @property
+    def loss_log(self):
+        return self.checkpoints / "loss_log.csv"
+
+
+def refuse_existing_run(paths):
+    """Never overwrite a run: a new run needs an empty run folder."""
+    has_checkpoints = find_latest_checkpoint(paths.checkpoints) is not None
+    if has_checkpoints or paths.loss_log.exists():
+        what = "checkpoints" if has_checkpoints else "a loss log"
+        raise UserError(f"{paths.checkpoints} already holds {what} of a run; continue it with "
+                        f"--resume latest, or start a new one with another --run_name")
+
+
+def train_step(model, diffusion, x_start, optimizer, grad_clip):
+    """One optimizer update on L_simple; returns (loss, grad_norm) as device tensors (no host sync)."""
+    loss = diffusion.loss(model, x_start)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    return loss.detach(), grad_norm.detach()
+
+
+@dataclass
+class TrainState:
+    step: int = 0             # optimizer updates done
+    elapsed_s: float = 0.0    # training wall time over all sessions
+    session: int = 0          # 0 for the first launch, +1 for each resume
+    num_images: int = 0
+
+
+def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch):
+    ckpt = dict(
+        format="train_ddpm/1", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
+        optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(),
+        epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
+        num_images=state.num_images, loss_log_step=state.step,
+        rng=dict(torch=torch.get_rng_state(),
+                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
+        torch_version=str(torch.__version__),
+    )
+    path = paths.checkpoints / checkpoint_name(cfg.timesteps, epoch)
+    atomic_torch_save(ckpt, path)
+    point_latest_at(path)
+    prune_checkpoints(paths.checkpoints, cfg.keep_last)
+    return path
+
+
+def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images):
+    if ckpt.get("num_images") != num_images:
+        raise UserError(f"the training set has {num_images} images but the checkpoint was trained on "
+                        f"{ckpt.get('num_images')}; resume with the same data")
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    lr_schedule.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return TrainState(step=ckpt["step"], elapsed_s=ckpt["elapsed_s"], session=ckpt["session"] + 1,
+                      num_images=num_images)
+
+
+def write_preview(paths, ema_model, diffusion, noise, steps, epoch):
+    images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise)
+    path = paths.samples / f"epoch_{epoch:04d}.png"
+    save_grid(images, path)
+    return path
+
+
+def train(cfg, resume_from=None):
+    """Train a run described by cfg (resuming from the checkpoint dict resume_from); returns the
+    path of the last checkpoint written."""
+    device = pick_device(cfg.device)
+    paths = RunPaths.of(cfg)
+    if resume_from is None:
+        refuse_existing_run(paths)
+    torch.manual_seed(cfg.seed)
+    images = load_dataset(cfg).to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
+    n_batches = steps_per_epoch(len(images), cfg.batch_size)
+    model = build_model(cfg).to(device)
+    diffusion = build_diffusion(cfg).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    lr_schedule = LRSchedule(optimizer, cfg, n_batches)
+    state = TrainState(num_images=len(images))
+    if resume_from is not None:
+        state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, len(images))
+    print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images, "
+          f"{n_batches} steps per epoch | device {device}")
+
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    paths.samples.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
+    log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None)
+    # The same noise for every preview, so grids from different epochs are comparable.
+    preview_noise = torch.randn((cfg.num_preview, 3, cfg.image_size, cfg.image_size),
+                                generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    total_steps = cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
+    if state.step >= total_steps:
+        raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
+                        f"raise --epochs or --max_steps to train further")
+
+    model.train()
+    last_saved = None
+    loss_sum = grad_norm_sum = torch.zeros((), device=device)
+    session_start, session_start_step = time.perf_counter(), state.step
+    log_time, log_step = session_start, state.step
+    for epoch in range(state.step // n_batches, cfg.epochs):
+        start_batch = state.step - epoch * n_batches
+        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   dynamic_ncols=True)
+        for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch):
+            # train
+            lr = lr_schedule.set_step(state.step)
+            loss, grad_norm = train_step(model, diffusion, x_start, optimizer, cfg.grad_clip)
+            ema.update(model, state.step)
+            state.step += 1
+            loss_sum, grad_norm_sum = loss_sum + loss, grad_norm_sum + grad_norm
+            bar.update(1)
+            # log: .item() waits for the GPU, so only every log_every steps
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                now = time.perf_counter()
+                n = state.step - log_step
+                row = dict(step=state.step, epoch=f"{state.step / n_batches:.4f}",
+                           loss=f"{loss_sum.item() / n:.6f}", lr=f"{lr:.6g}",
+                           grad_norm=f"{grad_norm_sum.item() / n:.4f}",
+                           images_per_s=f"{n * cfg.batch_size / (now - log_time):.1f}",
+                           elapsed_s=f"{state.elapsed_s + now - session_start:.1f}", session=state.session)
+                log.write(**row)
+                rate = (state.step - session_start_step) / (now - session_start)
+                bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
+                                eta_total=_format_duration((total_steps - state.step) / rate))
+                loss_sum = grad_norm_sum = torch.zeros((), device=device)
+                log_time, log_step = now, state.step
+            if state.step >= total_steps:
+                break
+        bar.close()
+        finished = state.step >= total_steps
+        epoch_done = epoch + 1
+        pause_start = time.perf_counter()
+        # sample
+        if (cfg.sample_every and epoch_done % cfg.sample_every == 0) or finished:
+            preview = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
+            tqdm.write(f"preview: {preview}")
+        # save
+        if epoch_done % cfg.save_every == 0 or finished:
+            state.elapsed_s += time.perf_counter() - session_start
+            session_start = time.perf_counter()
+            last_saved = save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done)
+            tqdm.write(f"checkpoint: {last_saved}")
+        log_time += time.perf_counter() - pause_start  # images/s counts training time only
+        if finished:
+            break
+    log.close()
+    return last_saved
+
+
+def _format_duration(seconds):
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
+# --- Sampling from a checkpoint ---------------------------------------------------------------------
+
+def unique_stem(folder, stem):
+    """stem, or stem_2, stem_3, ... so earlier samples are never overwritten."""
+    candidate, k = stem, 1
+    while any(Path(folder).glob(f"{candidate}*")):
+        k += 1
+        candidate = f"{stem}_{k}"
+    return candidate
+
+
+def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
+                     seed, clip_denoised=True):
+    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar."""
+    device = diffusion.betas.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks = []
+    with tqdm(total=num_samples, desc=f"sampling ({sampler}, {steps} steps)", unit="img") as bar:
+        while bar.n < num_samples:
+            b = min(batch_size, num_samples - bar.n)
+            shape = (b, 3, cfg.image_size, cfg.image_size)
+            x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                 clip_denoised=clip_denoised, var_type=var_type)
+            chunks.append(to_uint8(x))
+            bar.update(b)
+    return np.concatenate(chunks)
+
+
+def run_sample(args):
+    from PIL import Image
+    if args.num_samples < 1:
+        raise UserError("--num_samples must be at least 1")
+    if args.eta < 0:
+        raise UserError("--eta must be >= 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    path = resolve_checkpoint_path(args.checkpoint)
+    device = pick_device(args.device or "auto")
+    model, diffusion, cfg = load_checkpoint(path, use_ema=not args.no_ema, device=device)
+    steps = args.sampling_steps or cfg.timesteps
+    if not 1 <= steps <= cfg.timesteps:
+        raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
+    seed = cfg.seed if args.seed is None else args.seed
+    out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
+          f"{'EMA' if not args.no_ema else 'raw'} weights, {count_parameters(model) / 1e6:.2f}M parameters")
+
+    images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
+                              steps, args.eta, args.var_type, seed)
+    suffix = f"_eta{args.eta:g}" if args.sampler == "ddim" else f"_{args.var_type}"
+    stem = unique_stem(out, f"samples_{args.sampler}{steps}{suffix}_seed{seed}")
+    np.savez(out / f"{stem}.npz", images)  # arr_0: uint8 (N, H, W, 3)
+    folder = out / stem
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+    grid = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    save_grid(grid, out / f"{stem}_grid.png")
+    print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
+
+
+# --- CLI: parser, interactive menu, main() ----------------------------------------------------------
+
+def parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def parse_int_tuple(text):
+    parts = [p for p in str(text).replace(",", " ").split()]
+    return tuple(int(p) for p in parts)
+
+
+def field_parser(f):
+    """The function turning a flag's (or the menu's) text into this field's value."""
+    kind = type(f.default)
+    return {bool: parse_bool, tuple: parse_int_tuple, int: int, float: float}.get(kind, str)
+
+
+def _typed(parse, name):
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} for --{name}") from None
+    convert.__name__ = name
+    return convert
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a mistake prints one line (no usage block) and exits with code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = OneLineErrorParser(prog="train_ddpm.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--mode", choices=("train", "sample"), default="train")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue a run: 'latest' (newest checkpoint of --run_name) or a checkpoint path")
+    train = parser.add_argument_group("training (default: the preset's value; flags win over presets)")
+    for f in dataclasses.fields(Config):
+        flags = [f"--{f.name}"] + [f"--{alias}" for alias in f.metadata.get("aliases", ())]
+        help_text = f"{f.metadata['help']} [default {f.default}]"
+        if f.name == "preset":
+            train.add_argument(*flags, choices=tuple(PRESETS), default=None, help=help_text)
+        elif f.type is bool:
+            train.add_argument(*flags, dest=f.name, nargs="?", const=True, default=None, metavar="true|false",
+                               type=_typed(parse_bool, f.name), help=help_text)
+            train.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False,
+                               help=argparse.SUPPRESS)
+        else:
+            train.add_argument(*flags, dest=f.name, default=None, choices=f.metadata.get("choices"),
+                               type=_typed(field_parser(f), f.name), help=help_text)
+    sample = parser.add_argument_group("sampling (--mode sample)")
+    sample.add_argument("--checkpoint", help="checkpoint file, or a run folder meaning its newest checkpoint")
+    sample.add_argument("--num_samples", type=int, default=64)
+    sample.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm")
+    sample.add_argument("--sampling_steps", type=int, default=None, help="K <= T evenly strided steps (default T)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    sample.add_argument("--var_type", choices=("fixedlarge", "fixedsmall"), default="fixedlarge",
+                        help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")
+    sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    sample.add_argument("--out", help="output folder (default samples/<run>/)")
+    return parser
+
+
+def explicit_config(args):
+    """The Config fields given on the command line (every training flag defaults to None)."""
+    return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name) is not None}
+
+
+def preset_config(preset, explicit):
+    return Config(**{**PRESETS[preset], "preset": preset, **explicit})
+
+
+def resume_config(args, explicit):
+    """The config of a resumed run and its checkpoint dict: the checkpoint's config, with only the
+    flags that may change on resume applied; a flag contradicting the checkpoint is an error."""
+    if args.resume == "latest":
+        preset = explicit.get("preset", DEFAULT_PRESET)
+        base = preset_config(preset, explicit)
+        # Without --run_name, look in the default run folder; if a flag such as --timesteps changed
+        # that name, also in the preset's own, so the conflict is reported rather than "no checkpoint".
+        names = [base.run_name] if base.run_name else [default_run_name(base),
+                                                        default_run_name(preset_config(preset, {}))]
+        run_dir = Path(base.checkpoint_dir) / names[0]
+        path = next(filter(None, (find_latest_checkpoint(Path(base.checkpoint_dir) / n) for n in names)), None)
+        if path is None:
+            raise UserError(f"no checkpoint to resume in {run_dir}; name the run with --run_name "
+                            f"or give a checkpoint path to --resume")
+    else:
+        path = resolve_checkpoint_path(args.resume)
+    ckpt = read_checkpoint(path)
+    saved = config_from_dict(ckpt["config"])
+    for name, value in explicit.items():
+        if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
+            raise UserError(f"--{name} {value} conflicts with the checkpoint ({name}={getattr(saved, name)}); "
+                            f"a resumed run keeps its model, schedule and optimisation settings; start a "
+                            f"new run with another --run_name to change them")
+    print(f"resuming {path} (step {ckpt['step']}, epoch {ckpt['epoch']})")
+    # The checkpoint's folder is the run: keep writing there even if it was moved or renamed.
+    cfg = dataclasses.replace(saved, **explicit)
+    cfg = dataclasses.replace(cfg, checkpoint_dir=str(path.parent.parent), run_name=path.parent.name)
+    return cfg, ckpt
+
+
+# The hyperparameters the menu asks for, in order.
+MENU_FIELDS = ("epochs", "batch_size", "learning_rate", "timesteps", "schedule_type", "base_channels",
+               "use_attention", "scheduler", "grad_clip", "sample_every", "save_every")
+
+
+def ask_until_valid(prompt, parse, ask):
+    while True:
+        answer = ask(prompt).strip()
+        try:
+            return parse(answer)
+        except (ValueError, UserError) as e:
+            print(f"  {e}; try again")
+
+
+def interactive_config(explicit, ask=input):
+    """A numbered preset menu, then each main hyperparameter with its default (Enter keeps it).
+    Fields given as flags are not asked."""
+    names = list(PRESETS)
+    print("Presets:")
+    for i, name in enumerate(names, 1):
+        print(f"  {i}. {name:<18} {PRESET_NOTES[name]}")
+    default_index = names.index(DEFAULT_PRESET) + 1
+
+    def parse_choice(answer):
+        if answer == "":
+            return DEFAULT_PRESET
+        if answer in PRESETS:
+            return answer
+        if answer.isdigit() and 1 <= int(answer) <= len(names):
+            return names[int(answer) - 1]
+        raise ValueError(f"choose 1-{len(names)} or a preset name")
+
+    preset = explicit.get("preset") or ask_until_valid(
+        f"Choose a preset [1-{len(names)}, Enter = {default_index} {DEFAULT_PRESET}]: ", parse_choice, ask)
+    cfg = preset_config(preset, explicit)
+    print(f"Settings for {preset} (Enter keeps the value in brackets):")
+    for name in MENU_FIELDS:
+        if name in explicit:
+            continue
+        f = CONFIG_FIELDS[name]
+        current = getattr(cfg, name)
+        choices = f.metadata.get("choices")
+        hint = f" ({'/'.join(choices)})" if choices else ""
+
+        def parse_value(answer, name=name, f=f, current=current, choices=choices):
+            if answer == "":
+                return current
+            value = field_parser(f)(answer)
+            if choices and value not in choices:
+                raise ValueError(f"choose one of {', '.join(choices)}")
+            validate_config(dataclasses.replace(cfg, **{name: value}))
+            return value
+
+        value = ask_until_valid(f"  {name}{hint} - {f.metadata['help']} [{_show(current)}]: ", parse_value, ask)
+        cfg = dataclasses.replace(cfg, **{name: value})
+    return cfg
+
+
+def _show(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def print_config(cfg):
+    print("Config:")
+    width = max(map(len, CONFIG_FIELDS))
+    for name in CONFIG_FIELDS:
+        print(f"  {name:<{width}} {_show(getattr(cfg, name))}")
+
+
+def resolve_train_config(args):
+    """Config (and checkpoint dict on resume) from flags, preset, menu and checkpoint."""
+    explicit = explicit_config(args)
+    if args.resume:
+        cfg, ckpt = resume_config(args, explicit)
+    elif "preset" not in explicit and sys.stdin.isatty():
+        cfg, ckpt = interactive_config(explicit), None
+    else:
+        cfg, ckpt = preset_config(explicit.get("preset", DEFAULT_PRESET), explicit), None
+    if not cfg.run_name:
+        cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg))
+    validate_config(cfg)
+    return cfg, ckpt
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.mode == "sample":
+            if not args.checkpoint:
+                raise UserError("--mode sample needs --checkpoint PATH (a .pt file or a run folder)")
+            run_sample(args)
+        else:
+            cfg, ckpt = resolve_train_config(args)
+            print_config(cfg)
+            last = train(cfg, resume_from=ckpt)
+            print(f"done; last checkpoint {last}")
+            print(f"plot the loss: python plot_loss.py {Path(cfg.checkpoint_dir) / cfg.run_name}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
