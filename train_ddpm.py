@@ -62,7 +62,7 @@ class Config:
     data_dir: str = _field("./data", "CIFAR-10 download folder, or the image folder for --dataset folder")
     image_size: int = _field(32, "image side in pixels (folder images are resized and center-cropped)")
     flip: bool = _field(True, "random horizontal flips (--no_flip to disable)")
-    train_subset: int = _field(0, "train on the first N images only (0 = all), for quick runs")
+    train_subset: int = _field(0, "train on a fixed random N of the images (0 = all), for quick runs")
     # model: the DDPM UNet (Ho et al. 2020, Appendix B)
     base_channels: int = _field(128, "UNet width at full resolution", aliases=("hidden_dim",))
     channel_mults: tuple = _field((1, 2, 2, 2), "width multiplier per resolution level, e.g. 1,2,2,2")
@@ -112,8 +112,10 @@ RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "num_workers", "data_dir",
 
 # Presets hold overrides of Config only, so a typo in a key fails at import (Config(**preset)).
 PRESETS = {
+    # Shorter chains scale the paper's linear betas by 1000 / T (as improved-diffusion does) so that
+    # x_T is still pure noise; the paper's 1e-4..0.02 at T=100 would leave 60% of the image in x_T.
     "quick_test": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128,
-                       dropout=0.0, timesteps=100, batch_size=64, learning_rate=1e-3, warmup_steps=100,
+                       dropout=0.0, timesteps=100, beta_start=1e-3, beta_end=0.2, batch_size=64, learning_rate=1e-3, warmup_steps=100,
                        restart_period=1, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
                        save_every=1),
     "cifar10": dict(),
@@ -127,7 +129,7 @@ PRESETS = {
     "best_quality": dict(timesteps=2000, schedule_type="cosine", batch_size=256, learning_rate=2e-4,
                          emb_dim=256, epochs=800, restart_period=100),
     "fastest": dict(base_channels=64, channel_mults=(1, 2, 2), use_attention=False, emb_dim=256,
-                    timesteps=500, batch_size=256, learning_rate=5e-4, epochs=200, restart_period=25),
+                    timesteps=500, beta_start=2e-4, beta_end=0.04, batch_size=256, learning_rate=5e-4, epochs=200, restart_period=25),
     "low_memory": dict(base_channels=64, emb_dim=256, batch_size=32, learning_rate=1e-4,
                        epochs=200, restart_period=25),
 }
@@ -148,6 +150,24 @@ DEFAULT_PRESET = "cifar10_optimized"
 
 def default_run_name(cfg):
     return f"{cfg.preset}_ts{cfg.timesteps}"
+
+
+def terminal_signal(cfg):
+    """sqrt(alpha_bar_T): how much of the image survives in x_T, which sampling replaces by pure noise."""
+    betas = make_beta_schedule(cfg.schedule_type, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.cosine_s)
+    return float(torch.cumprod(1 - betas, 0)[-1].sqrt())
+
+
+def schedule_warning(cfg):
+    """A warning when x_T keeps a visible part of the image: samplers start from pure noise, so
+    such a schedule gives washed-out or noisy samples."""
+    signal = terminal_signal(cfg)
+    if signal <= 0.02:
+        return None
+    scale = 1000 / cfg.timesteps
+    return (f"warning: with T={cfg.timesteps} and betas {cfg.beta_start:g}..{cfg.beta_end:g}, x_T keeps "
+            f"{signal:.0%} of the image but sampling starts from pure noise; for T={cfg.timesteps} use "
+            f"--beta_start {1e-4 * scale:g} --beta_end {min(0.02 * scale, 0.999):g} or --schedule_type cosine")
 
 
 def validate_config(cfg):
@@ -244,9 +264,17 @@ def download_cifar10(data_dir):
                         f"or train on your own images with --dataset folder --data_dir DIR") from None
 
 
-def load_image_folder(data_dir, image_size, num_workers):
-    """Every .png/.jpg/.jpeg under data_dir (recursively) as RGB uint8 (N, 3, S, S): resized so the
-    short side is S, then center-cropped. Decoded once, so training never waits on files."""
+def subset_indices(total, subset, seed):
+    """A fixed random choice of `subset` of `total` items (all when subset is 0), in order."""
+    if not subset or subset >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, size=subset, replace=False))
+
+
+def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0):
+    """Every .png/.jpg/.jpeg under data_dir (recursively; or a fixed random `subset` of them) as RGB
+    uint8 (N, 3, S, S): resized so the short side is S, then center-cropped. Decoded once, so
+    training never waits on files."""
     from PIL import Image, ImageOps
     root = Path(data_dir)
     if not root.is_dir():
@@ -254,6 +282,7 @@ def load_image_folder(data_dir, image_size, num_workers):
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise UserError(f"no .png/.jpg/.jpeg images under {data_dir}")
+    paths = [paths[i] for i in subset_indices(len(paths), subset, seed)]
 
     def decode(path):
         try:
@@ -275,11 +304,10 @@ def load_dataset(cfg):
         if cfg.image_size != 32:
             raise UserError("CIFAR-10 images are 32x32: drop --image_size or use --dataset folder")
         images = load_cifar10_train(cfg.data_dir)
+        images = images[subset_indices(len(images), cfg.train_subset, cfg.seed)]
     else:
-        images = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers)
-    if cfg.train_subset:
-        images = images[:cfg.train_subset]
-    return torch.from_numpy(images)
+        images = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers, cfg.train_subset, cfg.seed)
+    return torch.from_numpy(np.ascontiguousarray(images))
 
 
 def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0):
@@ -998,6 +1026,10 @@ def train(cfg, resume_from=None):
         state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, len(images))
     print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images, "
           f"{n_batches} steps per epoch | device {device}")
+    total_steps = cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
+    if state.step >= total_steps:
+        raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
+                        f"raise --epochs or --max_steps to train further")
 
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     paths.samples.mkdir(parents=True, exist_ok=True)
@@ -1006,15 +1038,11 @@ def train(cfg, resume_from=None):
     # The same noise for every preview, so grids from different epochs are comparable.
     preview_noise = torch.randn((cfg.num_preview, 3, cfg.image_size, cfg.image_size),
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    total_steps = cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
-    if state.step >= total_steps:
-        raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
-                        f"raise --epochs or --max_steps to train further")
 
     model.train()
     last_saved = None
     loss_sum = grad_norm_sum = torch.zeros((), device=device)
-    session_start, session_start_step = time.perf_counter(), state.step
+    session_start, session_start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed_s
     log_time, log_step = session_start, state.step
     for epoch in range(state.step // n_batches, cfg.epochs):
         start_batch = state.step - epoch * n_batches
@@ -1036,7 +1064,7 @@ def train(cfg, resume_from=None):
                            loss=f"{loss_sum.item() / n:.6f}", lr=f"{lr:.6g}",
                            grad_norm=f"{grad_norm_sum.item() / n:.4f}",
                            images_per_s=f"{n * cfg.batch_size / (now - log_time):.1f}",
-                           elapsed_s=f"{state.elapsed_s + now - session_start:.1f}", session=state.session)
+                           elapsed_s=f"{elapsed_before + now - session_start:.1f}", session=state.session)
                 log.write(**row)
                 rate = (state.step - session_start_step) / (now - session_start)
                 bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
@@ -1055,8 +1083,7 @@ def train(cfg, resume_from=None):
             tqdm.write(f"preview: {preview}")
         # save
         if epoch_done % cfg.save_every == 0 or finished:
-            state.elapsed_s += time.perf_counter() - session_start
-            session_start = time.perf_counter()
+            state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             last_saved = save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done)
             tqdm.write(f"checkpoint: {last_saved}")
         log_time += time.perf_counter() - pause_start  # images/s counts training time only
@@ -1340,6 +1367,9 @@ def main(argv=None):
         else:
             cfg, ckpt = resolve_train_config(args)
             print_config(cfg)
+            warning = schedule_warning(cfg)
+            if warning:
+                print(warning, file=sys.stderr)
             last = train(cfg, resume_from=ckpt)
             print(f"done; last checkpoint {last}")
             print(f"plot the loss: python plot_loss.py {Path(cfg.checkpoint_dir) / cfg.run_name}")

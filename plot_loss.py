@@ -1,0 +1,191 @@
+"""Plot the loss log of a train_ddpm.py run and say whether the loss has plateaued.
+
+    python plot_loss.py                                   # newest run under checkpoints/
+    python plot_loss.py checkpoints/quick_test_ts100      # a run folder
+    python plot_loss.py path/to/loss_log.csv --out loss.png --smooth 50
+
+The figure shows the raw and smoothed loss on a log axis, the learning rate on a second axis,
+and marks epoch boundaries, resume points and warm restarts of the learning rate.
+"""
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed: the plot goes to a PNG
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REQUIRED_COLUMNS = ("step", "epoch", "loss", "lr")
+
+
+class PlotError(Exception):
+    """A problem with the input: printed as one line, exit code 2."""
+
+
+def find_loss_log(path):
+    """The CSV for a CSV path, a run folder, or (no path) the newest run under ./checkpoints."""
+    if path is None:
+        logs = sorted(Path("checkpoints").glob("*/loss_log.csv"), key=lambda p: p.stat().st_mtime)
+        if not logs:
+            raise PlotError("no checkpoints/*/loss_log.csv here; pass a run folder or a loss_log.csv")
+        return logs[-1]
+    path = Path(path)
+    if path.is_dir():
+        path = path / "loss_log.csv"
+    if not path.is_file():
+        raise PlotError(f"{path} does not exist; pass a run folder (checkpoints/<run>) or its loss_log.csv")
+    return path
+
+
+def read_loss_log(path):
+    """The log's columns as float arrays, rows sorted by step."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise PlotError(f"{path} is not a train_ddpm.py loss log (missing columns: {', '.join(missing)})")
+        rows = list(reader)
+    if not rows:
+        raise PlotError(f"{path} has no rows yet; train for at least --log_every steps")
+    # Optional columns (e.g. ones added by later versions) are kept only where every row has them.
+    present = [name for name in reader.fieldnames if all(r.get(name) not in (None, "") for r in rows)]
+    try:
+        columns = {name: np.array([float(r[name]) for r in rows]) for name in present}
+    except ValueError as e:
+        raise PlotError(f"{path} has a malformed row ({e})") from None
+    order = np.argsort(columns["step"], kind="stable")
+    return {name: values[order] for name, values in columns.items()}
+
+
+def moving_average(values, window):
+    """Trailing mean over `window` rows (shorter at the start), same length as values."""
+    window = max(1, min(window, len(values)))
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    counts = np.minimum(np.arange(1, len(values) + 1), window)
+    return (cumsum[1:] - cumsum[np.arange(1, len(values) + 1) - counts]) / counts
+
+
+def plateau_diagnostic(loss, window=None):
+    """Look at the last window of rows: the relative change of a straight-line fit across it and
+    the noise (std / mean). Returns (verdict, explanation)."""
+    window = window or max(10, len(loss) // 5)
+    tail = loss[-window:]
+    if len(tail) < 5:
+        return "too early", f"only {len(tail)} log rows; train longer for a verdict"
+    mean, std = tail.mean(), tail.std()
+    slope = np.polyfit(np.arange(len(tail)), tail, 1)[0]
+    change = slope * (len(tail) - 1) / mean
+    detail = f"last {len(tail)} rows: std/mean {std / mean:.3f}, trend {change:+.1%}"
+    if change < -0.02:
+        return "still improving", f"{detail}; keep training"
+    if change <= 0.02 and std / mean < 0.1:
+        return "converged", f"{detail}; the loss is flat: more epochs mostly refine sample quality (watch the previews or FID)"
+    return "stalled", f"{detail}; the loss is noisy or rising without improving: try a lower learning rate"
+
+
+def epoch_boundaries(step, epoch):
+    """Steps at which each new epoch began."""
+    nonzero = epoch > 0
+    if not nonzero.any():
+        return np.array([])
+    steps_per_epoch = np.median(step[nonzero] / epoch[nonzero])
+    return np.arange(1, int(np.floor(epoch.max())) + 1) * steps_per_epoch
+
+
+def resume_points(step, session):
+    """First logged step of each resumed session."""
+    return step[1:][np.diff(session) > 0]
+
+
+def warm_restarts(step, lr):
+    """Steps where the LR jumps up by more than half its range: the restarts of a cosine schedule
+    (a warmup rises in many small steps and is not counted)."""
+    span = lr.max() - lr.min()
+    if span <= 0:
+        return np.array([])
+    return step[1:][np.diff(lr) > 0.5 * span]
+
+
+def plot(log, out, smooth_window, title):
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    step, loss = log["step"], log["loss"]
+    if smooth_window > 1:
+        ax.plot(step, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
+        ax.plot(step, moving_average(loss, smooth_window), color="tab:blue", linewidth=1.8,
+                label=f"loss, mean of {smooth_window} rows")
+    else:
+        ax.plot(step, loss, color="tab:blue", linewidth=1.5, label="loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (MSE of the noise)")
+    ax.grid(True, which="both", alpha=0.25)
+
+    boundaries = epoch_boundaries(step, log["epoch"])
+    for i, s in enumerate(boundaries if len(boundaries) <= 200 else []):
+        ax.axvline(s, color="gray", linewidth=0.5, linestyle=":", label="epoch" if i == 0 else None)
+    if "session" in log:
+        for i, s in enumerate(resume_points(step, log["session"])):
+            ax.axvline(s, color="tab:red", linewidth=1.2, linestyle="--", label="resumed" if i == 0 else None)
+    for i, s in enumerate(warm_restarts(step, log["lr"])):
+        ax.axvline(s, color="tab:green", linewidth=1.0, linestyle="-.", label="warm restart" if i == 0 else None)
+
+    lr_ax = ax.twinx()
+    lr_ax.plot(step, log["lr"], color="tab:orange", linewidth=1.0, label="learning rate")
+    lr_ax.set_ylabel("learning rate", color="tab:orange")
+    lr_ax.tick_params(axis="y", colors="tab:orange")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+
+    handles, labels = ax.get_legend_handles_labels()
+    lr_handles, lr_labels = lr_ax.get_legend_handles_labels()
+    ax.legend(handles + lr_handles, labels + lr_labels, loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              ncol=len(labels) + len(lr_labels), fontsize=8, frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def run_title(log_path, log):
+    config_path = Path(log_path).with_name("config.json")
+    name = Path(log_path).parent.name
+    try:
+        cfg = json.loads(config_path.read_text())
+        name = f"{cfg.get('run_name', name)} ({cfg.get('preset', '?')}, T={cfg.get('timesteps', '?')})"
+    except (OSError, ValueError):
+        pass
+    return f"{name}: {int(log['step'][-1]):,} steps, epoch {log['epoch'][-1]:.2f}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", nargs="?", help="run folder or loss_log.csv (default: newest run in checkpoints/)")
+    parser.add_argument("--out", help="PNG to write (default: loss_plot.png beside the log)")
+    parser.add_argument("--smooth", type=int, default=None, help="rows in the moving average (default: 1/50 of the log, at least 5)")
+    args = parser.parse_args(argv)
+    try:
+        if args.smooth is not None and args.smooth < 1:
+            raise PlotError("--smooth must be at least 1")
+        log_path = find_loss_log(args.path)
+        log = read_loss_log(log_path)
+        out = Path(args.out) if args.out else log_path.with_name("loss_plot.png")
+        if not out.parent.is_dir():
+            raise PlotError(f"cannot write {out}: folder {out.parent} does not exist")
+        smooth_window = args.smooth or min(len(log["loss"]), max(5, len(log["loss"]) // 50))
+        plot(log, out, smooth_window, run_title(log_path, log))
+    except PlotError as e:
+        print(f"plot_loss.py: error: {e}", file=sys.stderr)
+        return 2
+    verdict, detail = plateau_diagnostic(log["loss"])
+    print(f"final loss {log['loss'][-1]:.4f} at step {int(log['step'][-1]):,}")
+    print(f"plateau check: {verdict} ({detail})")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
