@@ -764,13 +764,22 @@ class LossLog:
     def __init__(self, path, resume_step=None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-            self._rewrite(rows)
+            self._rewrite(self._rows_up_to(resume_step))
         else:
             self._rewrite([])
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=LOSS_LOG_COLUMNS)
+
+    def _rows_up_to(self, last_step):
+        """The complete rows with increasing steps up to last_step; a row torn by a crash is dropped."""
+        rows, previous = [], 0
+        with open(self.path, newline="") as f:
+            for row in csv.DictReader(f):
+                complete = all(row.get(c) not in (None, "") for c in LOSS_LOG_COLUMNS)
+                if complete and row["step"].isdigit() and previous < int(row["step"]) <= last_step:
+                    rows.append(row)
+                    previous = int(row["step"])
+        return rows
 
     def _rewrite(self, rows):
         tmp = self.path.with_name(f".{self.path.name}.tmp")
@@ -872,6 +881,22 @@ def config_from_dict(values):
     return Config(**known)
 
 
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                           "(1)", "(2)", "In PyTorch")
+
+
+def _load_failure_reason(error):
+    """The informative line of a torch.load error. For a weights_only refusal that is the object it
+    refused (e.g. a blocked os.system), not torch's generic advice to load the file unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0].split(". ")[0][:300]
+    details = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines
+               if not line.startswith(_TORCH_LOAD_BOILERPLATE)]
+    detail = next((d for d in details if d), "unsupported content")
+    return f"refused to unpickle it, as only plain weights are ever loaded: {detail[:300]}"
+
+
 def read_checkpoint(path):
     """The checkpoint dict, loaded without running any pickled code (weights_only=True)."""
     path = Path(path)
@@ -880,11 +905,10 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if "Unpickler error" in line), lines[0])
+        reason = _load_failure_reason(e)
         others = [p.name for p in epoch_checkpoints(path.parent) if p.resolve() != path.resolve()]
         hint = f"; other checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({reason[:200]}){hint}") from None
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({reason}){hint}") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
         raise UserError(f"{path} is not a train_ddpm.py checkpoint (no model and config inside)")
     return ckpt

@@ -1,0 +1,629 @@
+"""train_ddpm.py end to end: the real command line in a subprocess, on tiny data the tests write.
+
+Every run happens in a temporary folder (cwd), so checkpoints/ and samples/ land there. One small
+two-epoch training run (module fixture) is shared by the checkpoint, resume and sampling tests;
+tests that change a run work on a copy of it.
+"""
+
+import csv
+import hashlib
+import json
+import os
+import pickle
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_ddpm.py"
+
+RUN = "quick_test_ts20"                      # default run name: <preset>_ts<timesteps>
+IMAGES_PER_BATCH_FILE = 16                   # 5 CIFAR batch files -> 80 images
+STEPS_PER_EPOCH = 5 * IMAGES_PER_BATCH_FILE // 16
+# A tiny model and chain. The betas are the script's own advice for T=20, so x_T is pure noise and
+# no schedule warning lands on stderr (the error tests want stderr to hold the error alone);
+# warmup_steps 2 puts most steps on the cosine-restarts schedule, whose state a resume must restore.
+TINY = ["--preset", "quick_test", "--train_subset", "0", "--batch_size", "16", "--log_every", "2",
+        "--preview_steps", "5", "--num_preview", "4", "--base_channels", "16", "--timesteps", "20",
+        "--beta_start", "0.005", "--beta_end", "0.999", "--warmup_steps", "2"]
+LOSS_LOG_HEADER = "step,epoch,loss,lr,grad_norm,images_per_s,elapsed_s,session"
+CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "rng", "config", "loss_log_step"}
+# No run may reach the internet: a refused proxy makes a CIFAR-10 download fail at once.
+OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+           "no_proxy": "", "NO_PROXY": ""}
+
+
+def run_cli(*args, cwd, timeout=300, stdin=subprocess.DEVNULL):
+    env = {**os.environ, **OFFLINE}
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env, stdin=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def describe(result):
+    return f"exit {result.returncode}\n--- stdout ---\n{result.stdout[-3000:]}\n--- stderr ---\n{result.stderr[-3000:]}"
+
+
+def assert_ok(result):
+    assert result.returncode == 0, describe(result)
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit code 2 and exactly one non-empty line on stderr, without a traceback, naming fragments."""
+    assert result.returncode == 2, describe(result)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"want one line on stderr, got {result.stderr!r}"
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(root):
+    """Every file and folder under root, with size, mtime and content hash of each file."""
+    state = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_dir():
+            state[rel] = "dir"
+        else:
+            st = p.stat()
+            state[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return state
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_loss_log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_valid_png(path, min_size=(1, 1)):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        assert img.size[0] >= min_size[0] and img.size[1] >= min_size[1], img.size
+        return img.size
+
+
+def assert_same_tensors(a, b, what):
+    """Two (nested) state dicts hold exactly equal tensors and equal other values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b), f"{what} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{what}: keys differ"
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{what}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{what}[{i}]")
+    else:
+        assert a == b, f"{what}: {a!r} != {b!r}"
+
+
+def copy_run(trained, dest):
+    """A copy of the trained folder (checkpoints/ and samples/) to mutate."""
+    for sub in ("checkpoints", "samples"):
+        shutil.copytree(trained.root / sub, dest / sub)
+    return dest / "checkpoints" / RUN
+
+
+# --- Data the tests make ---------------------------------------------------------------------------
+
+def write_cifar_pickles(data_dir, per_batch=IMAGES_PER_BATCH_FILE, seed=0):
+    folder = data_dir / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": [int(x) for x in rng.integers(0, 10, per_batch)]}
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch, f)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    return write_cifar_pickles(tmp_path_factory.mktemp("cifar"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_dir):
+    """Two epochs of the tiny model on the 80 pickled images, in a folder of its own."""
+    root = tmp_path_factory.mktemp("trained")
+    result = run_cli(*TINY, "--epochs", "2", "--data_dir", cifar_dir, cwd=root)
+    assert_ok(result)
+    return SimpleNamespace(root=root, result=result, run_dir=root / "checkpoints" / RUN,
+                           samples=root / "samples" / RUN)
+
+
+# --- 1. Training -------------------------------------------------------------------------------------
+
+def test_two_epochs_on_cifar_pickles_write_checkpoints_config_log_and_previews(trained):
+    assert sorted(p.name for p in trained.run_dir.iterdir()) == sorted([
+        "ddpm_ts20_epoch0001.pt", "ddpm_ts20_epoch0002.pt", "latest.pt", "config.json", "loss_log.csv"])
+    assert sorted(p.name for p in trained.samples.iterdir()) == ["epoch_0001.png", "epoch_0002.png"]
+    for name in ("epoch_0001.png", "epoch_0002.png"):
+        assert_valid_png(trained.samples / name, min_size=(4 * 32, 32))  # a grid of num_preview=4
+
+
+def test_the_default_run_name_is_the_preset_and_timesteps(trained):
+    assert trained.run_dir.name == "quick_test_ts20"
+    assert re.search(r"^\s*run_name\s+quick_test_ts20\s*$", trained.result.stdout, re.M), trained.result.stdout
+    assert json.loads((trained.run_dir / "config.json").read_text())["run_name"] == "quick_test_ts20"
+
+
+def test_a_checkpoint_holds_the_whole_training_state_and_matches_config_json(trained):
+    ckpt = load_ckpt(trained.run_dir / "ddpm_ts20_epoch0002.pt")
+    assert CHECKPOINT_KEYS <= ckpt.keys()
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 2 * STEPS_PER_EPOCH
+    assert ckpt["loss_log_step"] == ckpt["step"]
+    assert ckpt["ema"].keys() == ckpt["model"].keys()
+    assert isinstance(ckpt["rng"]["torch"], torch.Tensor)
+    assert ckpt["optimizer"]["state"], "the optimizer state (Adam moments) is saved"
+    # config.json is the checkpoint's config (JSON turns tuples into lists)
+    saved = json.loads((trained.run_dir / "config.json").read_text())
+    assert saved == json.loads(json.dumps(ckpt["config"]))
+    assert saved["preset"] == "quick_test" and saved["timesteps"] == 20 and saved["base_channels"] == 16
+    assert saved["num_res_blocks"] == 1, "values not given as flags come from the preset"
+    first = load_ckpt(trained.run_dir / "ddpm_ts20_epoch0001.pt")
+    assert first["epoch"] == 1 and first["step"] == STEPS_PER_EPOCH
+
+
+def test_latest_pt_is_the_newest_epoch_checkpoint(trained):
+    latest = (trained.run_dir / "latest.pt").read_bytes()
+    assert latest == (trained.run_dir / "ddpm_ts20_epoch0002.pt").read_bytes()
+
+
+def test_the_loss_log_has_the_documented_header_and_a_row_every_log_every_steps(trained):
+    text = (trained.run_dir / "loss_log.csv").read_text()
+    assert text.splitlines()[0] == LOSS_LOG_HEADER
+    rows = read_loss_log(trained.run_dir / "loss_log.csv")
+    steps = [int(r["step"]) for r in rows]
+    final = 2 * STEPS_PER_EPOCH
+    assert steps == sorted(set(steps)), "steps increase and never repeat"
+    assert all(s % 2 == 0 for s in steps[:-1]) and (steps[-1] % 2 == 0 or steps[-1] == final)
+    assert steps == [2, 4, 6, 8, 10]
+    for r in rows:
+        assert r["session"] == "0"
+        assert float(r["epoch"]) == pytest.approx(int(r["step"]) / STEPS_PER_EPOCH)
+        assert 0 < float(r["loss"]) < 10 and float(r["lr"]) > 0 and float(r["grad_norm"]) >= 0
+
+
+# --- 2. Resume ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, trained, cifar_dir):
+    """A copy of the trained run resumed with --resume latest to epoch 3. Before resuming, a row of
+    step 12 is appended to its loss log, as a run killed in epoch 3 before its checkpoint leaves it."""
+    root = tmp_path_factory.mktemp("resumed")
+    run_dir = copy_run(trained, root)
+    log = run_dir / "loss_log.csv"
+    old_log = log.read_bytes()
+    old_checkpoints = {n: (run_dir / n).read_bytes() for n in ("ddpm_ts20_epoch0001.pt", "ddpm_ts20_epoch0002.pt")}
+    with open(log, "a", newline="") as f:
+        csv.writer(f).writerow([12, "2.4000", "9.999999", "0.001", "1.0", "100.0", "9.9", 0])
+    result = run_cli("--run_name", RUN, "--resume", "latest", "--epochs", "3", "--data_dir", cifar_dir, cwd=root)
+    assert_ok(result)
+    return SimpleNamespace(root=root, run_dir=run_dir, result=result, old_log=old_log,
+                           old_checkpoints=old_checkpoints)
+
+
+def test_resume_latest_continues_the_step_count_into_epoch_three(resumed):
+    ckpt = load_ckpt(resumed.run_dir / "ddpm_ts20_epoch0003.pt")
+    assert ckpt["epoch"] == 3 and ckpt["step"] == 3 * STEPS_PER_EPOCH
+    assert ckpt["session"] == 1
+    assert (resumed.run_dir / "latest.pt").read_bytes() == (resumed.run_dir / "ddpm_ts20_epoch0003.pt").read_bytes()
+    for name, content in resumed.old_checkpoints.items():
+        assert (resumed.run_dir / name).read_bytes() == content, f"{name} was rewritten"
+    assert "step 10, epoch 2" in resumed.result.stdout
+    assert_valid_png(resumed.root / "samples" / RUN / "epoch_0003.png")
+    assert json.loads((resumed.run_dir / "config.json").read_text())["epochs"] == 3
+
+
+def test_the_resumed_loss_log_keeps_old_rows_byte_for_byte_and_adds_session_one_rows(resumed):
+    data = (resumed.run_dir / "loss_log.csv").read_bytes()
+    assert data.startswith(resumed.old_log), "rows up to the checkpoint are kept byte for byte"
+    rows = read_loss_log(resumed.run_dir / "loss_log.csv")
+    steps = [int(r["step"]) for r in rows]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 15], "no duplicated steps; the stale row of step 12 is replaced"
+    assert [r["session"] for r in rows] == ["0"] * 5 + ["1"] * 3
+    assert all(r["loss"] != "9.999999" for r in rows)
+
+
+def test_resume_drops_a_loss_log_row_torn_by_a_crash_instead_of_keeping_it_as_a_bogus_row(
+        trained, cifar_dir, tmp_path):
+    # A run killed while writing the row of step 12 leaves "1" (its first byte) at the end of the log.
+    run_dir = copy_run(trained, tmp_path)
+    old_log = (run_dir / "loss_log.csv").read_bytes()
+    (run_dir / "loss_log.csv").write_bytes(old_log + b"1")
+    assert_ok(run_cli("--run_name", RUN, "--resume", "latest", "--epochs", "3", "--data_dir", cifar_dir,
+                      cwd=tmp_path))
+    rows = read_loss_log(run_dir / "loss_log.csv")
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12, 14, 15]
+    assert all(r["loss"] for r in rows)
+
+
+def test_resume_from_an_explicit_checkpoint_path_reaches_the_same_weights_as_resume_latest(
+        trained, resumed, cifar_dir, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    result = run_cli("--resume", f"checkpoints/{RUN}/ddpm_ts20_epoch0002.pt", "--epochs", "3",
+                     "--data_dir", cifar_dir, cwd=tmp_path)
+    assert_ok(result)
+    assert "ddpm_ts20_epoch0002.pt (step 10, epoch 2)" in result.stdout
+    ckpt = load_ckpt(run_dir / "ddpm_ts20_epoch0003.pt")
+    assert ckpt["step"] == 3 * STEPS_PER_EPOCH
+    other = load_ckpt(resumed.run_dir / "ddpm_ts20_epoch0003.pt")
+    assert_same_tensors(ckpt["model"], other["model"], "model")
+
+
+@pytest.mark.parametrize("flag, value", [("--timesteps", "30"), ("--base_channels", "32")])
+def test_resume_refuses_a_flag_that_contradicts_the_checkpoint_and_changes_nothing(
+        trained, cifar_dir, tmp_path, flag, value):
+    copy_run(trained, tmp_path)
+    before = snapshot(tmp_path)
+    result = run_cli("--run_name", RUN, "--resume", "latest", "--epochs", "3", "--data_dir", cifar_dir,
+                     flag, value, cwd=tmp_path)
+    assert_one_line_error(result, flag)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("first_leg", [
+    pytest.param(["--epochs", "1"], id="resume-at-an-epoch-boundary"),
+    pytest.param(["--epochs", "2", "--max_steps", "7"], id="resume-in-the-middle-of-an-epoch"),
+])
+def test_training_in_two_sessions_gives_exactly_the_weights_of_one_session(trained, cifar_dir, tmp_path, first_leg):
+    # quick_test has dropout 0; the data order is a function of seed and epoch and the RNG is saved
+    assert_ok(run_cli(*TINY, "--dropout", "0", *first_leg, "--data_dir", cifar_dir, cwd=tmp_path))
+    assert_ok(run_cli(*TINY, "--dropout", "0", "--run_name", RUN, "--resume", "latest", "--epochs", "2",
+                      "--max_steps", "0", "--data_dir", cifar_dir, cwd=tmp_path))
+    two_sessions = load_ckpt(tmp_path / "checkpoints" / RUN / "ddpm_ts20_epoch0002.pt")
+    one_session = load_ckpt(trained.run_dir / "ddpm_ts20_epoch0002.pt")
+    assert two_sessions["step"] == one_session["step"] == 2 * STEPS_PER_EPOCH
+    for key in ("model", "ema", "optimizer", "scheduler"):
+        assert_same_tensors(two_sessions[key], one_session[key], key)
+    # steps 9-10 were logged over the same interval in both runs: same losses and gradient norms
+    last = {k: read_loss_log(d / "loss_log.csv")[-1] for k, d in
+            (("two", tmp_path / "checkpoints" / RUN), ("one", trained.run_dir))}
+    assert (last["two"]["step"], last["two"]["loss"], last["two"]["grad_norm"]) == \
+           (last["one"]["step"], last["one"]["loss"], last["one"]["grad_norm"])
+
+
+# --- 3. A new run never overwrites an old one --------------------------------------------------------
+
+def test_a_new_run_in_a_folder_with_checkpoints_is_refused_and_nothing_is_overwritten(trained, cifar_dir, tmp_path):
+    copy_run(trained, tmp_path)
+    before = snapshot(tmp_path)
+    result = run_cli(*TINY, "--epochs", "2", "--data_dir", cifar_dir, cwd=tmp_path)
+    assert_one_line_error(result, "--resume")
+    assert snapshot(tmp_path) == before
+
+
+# --- 4. Sampling -------------------------------------------------------------------------------------
+
+def check_sample_outputs(out_dir, stem_prefix, n=6):
+    """The grid, n individual PNGs and an .npz of uint8 (n, 32, 32, 3) that the PNGs match;
+    returns the stem."""
+    npzs = sorted(out_dir.glob(f"{stem_prefix}*.npz"))
+    assert len(npzs) == 1, sorted(p.name for p in out_dir.iterdir())
+    stem = npzs[0].stem
+    with np.load(npzs[0]) as f:
+        images = f["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (n, 32, 32, 3)
+    assert images.std() > 0, "not a constant image"
+    pngs = sorted((out_dir / stem).glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(n)]
+    for i, p in enumerate(pngs):
+        assert_valid_png(p)
+        with Image.open(p) as img:
+            assert img.mode == "RGB" and np.array_equal(np.asarray(img), images[i])
+    assert_valid_png(out_dir / f"{stem}_grid.png", min_size=(n * 32, 32))
+    return stem
+
+
+@pytest.mark.parametrize("sampler_args, prefix, checkpoint", [
+    pytest.param(["--sampler", "ddpm", "--sampling_steps", "10"], "samples_ddpm10", "run folder", id="ddpm-from-run-folder"),
+    pytest.param(["--sampler", "ddim", "--sampling_steps", "5", "--eta", "0"], "samples_ddim5", "pt file", id="ddim-from-pt-file"),
+])
+def test_sampling_writes_a_grid_individual_pngs_and_an_npz(trained, tmp_path, sampler_args, prefix, checkpoint):
+    before = snapshot(trained.root)
+    target = trained.run_dir if checkpoint == "run folder" else trained.run_dir / "ddpm_ts20_epoch0001.pt"
+    result = run_cli("--mode", "sample", "--checkpoint", target, *sampler_args,
+                     "--num_samples", "6", "--batch_size", "4", cwd=tmp_path)
+    assert_ok(result)
+    expected = "latest.pt" if checkpoint == "run folder" else "ddpm_ts20_epoch0001.pt"
+    assert expected in result.stdout
+    out = tmp_path / "samples" / RUN  # default: <samples_dir>/<run>/
+    check_sample_outputs(out, prefix)
+    assert snapshot(trained.root) == before, "sampling leaves the run untouched"
+
+
+def test_a_second_identical_sample_call_keeps_the_first_outputs_and_out_is_honoured(trained, tmp_path):
+    args = ["--mode", "sample", "--checkpoint", trained.run_dir / "latest.pt", "--sampler", "ddim",
+            "--sampling_steps", "5", "--eta", "0", "--num_samples", "6", "--batch_size", "4", "--out", "my_out"]
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    out = tmp_path / "my_out"
+    first = check_sample_outputs(out, "samples_ddim5")
+    first_files = snapshot(out)
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k in first_files} == first_files, "first outputs untouched"
+    new_npz = [k for k in after if k.endswith(".npz") and k not in first_files]
+    assert len(new_npz) == 1
+    second = check_sample_outputs(out, Path(new_npz[0]).stem)
+    assert second != first
+    assert not (tmp_path / "samples").exists(), "--out replaces the default samples/<run>/"
+    # same seed, deterministic DDIM: the same images
+    with np.load(out / f"{first}.npz") as a, np.load(out / f"{second}.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+# --- 5. The interactive menu on a terminal --------------------------------------------------------
+
+def run_on_terminal(args, cwd, respond, timeout=240):
+    """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; answer each prompt (a line
+    ending in ']: ') with respond(prompt, transcript). Returns (exit code, transcript, prompts)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, **OFFLINE, "TERM": "dumb"}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env, stdin=slave,
+                            stdout=slave, stderr=slave, close_fds=True, start_new_session=True)
+    os.close(slave)
+    transcript, consumed, prompts = bytearray(), 0, []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no exit within {timeout}s; transcript:\n{transcript.decode(errors='replace')[-3000:]}")
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child has closed the terminal
+                break
+            if not chunk:
+                break
+            transcript += chunk
+            pending = transcript[consumed:].decode(errors="replace")
+            if pending.endswith("]: "):
+                prompt = pending.replace("\r", "").rsplit("\n", 1)[-1]
+                prompts.append(prompt)
+                if len(prompts) > 40:
+                    pytest.fail(f"too many prompts:\n{transcript.decode(errors='replace')[-3000:]}")
+                os.write(master, respond(prompt, transcript.decode(errors="replace")).encode() + b"\n")
+                consumed = len(transcript)
+        code = proc.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, transcript.decode(errors="replace").replace("\r\n", "\n"), prompts
+
+
+def prompt_field(prompt):
+    return "preset" if prompt.startswith("Choose a preset") else prompt.split()[0]
+
+
+def test_the_menu_on_a_terminal_asks_only_what_the_flags_leave_open_and_reasks_bad_values(cifar_dir, tmp_path):
+    lr_answers = iter(["abc", "0.0005"])
+
+    def respond(prompt, transcript):
+        field = prompt_field(prompt)
+        if field == "preset":
+            return re.search(r"^\s*(\d+)\.\s+quick_test\s", transcript, re.M).group(1)
+        if field == "learning_rate":
+            return next(lr_answers)
+        return ""  # Enter keeps the value in brackets
+
+    code, transcript, prompts = run_on_terminal(
+        ["--mode", "train", "--data_dir", cifar_dir, "--train_subset", "0", "--epochs", "1", "--batch_size", "16",
+         "--base_channels", "16", "--timesteps", "20", "--preview_steps", "5"], tmp_path, respond)
+    assert code == 0, transcript[-3000:]
+    fields = [prompt_field(p) for p in prompts]
+    # numbered presets, then the questions
+    assert re.search(r"^\s*\d+\.\s+quick_test\s", transcript, re.M) and re.search(r"^\s*\d+\.\s+cifar10\s", transcript, re.M)
+    assert fields[0] == "preset"
+    assert fields[1:3] == ["learning_rate", "learning_rate"], "a bad value is asked again"
+    assert "[0.001]" in prompts[1], "the default shown is the chosen preset's"
+    between = transcript.split(prompts[1], 1)[1].split(prompts[2], 1)[0]
+    assert "try again" in between
+    assert not {"epochs", "batch_size", "timesteps", "base_channels"} & set(fields), fields
+    assert "schedule_type" in fields
+    # the resolved config, printed and saved
+    assert re.search(r"^\s*preset\s+quick_test\s*$", transcript, re.M)
+    assert re.search(r"^\s*learning_rate\s+0.0005\s*$", transcript, re.M)
+    saved = json.loads((tmp_path / "checkpoints" / RUN / "config.json").read_text())
+    assert saved["preset"] == "quick_test" and saved["learning_rate"] == 0.0005
+    assert (saved["epochs"], saved["batch_size"], saved["timesteps"], saved["base_channels"]) == (1, 16, 20, 16)
+    assert saved["schedule_type"] == "linear" and saved["num_res_blocks"] == 1  # Enter / the preset
+    assert (tmp_path / "checkpoints" / RUN / "ddpm_ts20_epoch0001.pt").is_file()
+
+
+# --- 6. No terminal: the default preset, no questions --------------------------------------------
+
+def test_without_a_terminal_or_preset_the_run_uses_cifar10_optimized_without_asking(tmp_path):
+    (tmp_path / "empty").mkdir()
+    before = snapshot(tmp_path)
+    result = run_cli("--dataset", "folder", "--data_dir", "empty", cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert re.search(r"^\s*preset\s+cifar10_optimized\s*$", result.stdout, re.M), describe(result)
+    assert re.search(r"^\s*run_name\s+cifar10_optimized_ts1000\s*$", result.stdout, re.M)
+    assert "Choose a preset" not in result.stdout + result.stderr
+    assert_one_line_error(result, "no .png/.jpg/.jpeg images")  # then the empty folder stops it
+    assert snapshot(tmp_path) == before
+
+
+# --- Image folders -------------------------------------------------------------------------------------
+
+def test_training_on_a_nested_image_folder_of_mixed_formats_modes_and_shapes_works(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+
+    def save(rel, h, w, mode):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        channels = {"RGB": 3, "RGBA": 4, "L": None}[mode]
+        shape = (h, w) if channels is None else (h, w, channels)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+
+    save("a.png", 40, 40, "RGB")
+    save("cats/wide_gray.jpg", 20, 64, "L")
+    save("cats/deep/tall_rgba.png", 70, 30, "RGBA")
+    save("dogs/PHOTO.JPEG", 33, 47, "RGB")
+    save("dogs/tiny.jpg", 12, 12, "RGB")
+    save("dogs/deep/deeper/gray.png", 100, 50, "L")
+    Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8)).convert("P").save(root / "dogs" / "palette.png")
+    (root / "notes.txt").write_text("not an image")
+    n_images = 7
+    result = run_cli("--preset", "quick_test", "--dataset", "folder", "--data_dir", root, "--image_size", "16",
+                     "--batch_size", "4", "--epochs", "1", "--base_channels", "16", "--timesteps", "20",
+                     "--beta_start", "0.005", "--beta_end", "0.999", "--preview_steps", "5", "--num_preview", "2",
+                     "--num_workers", "2", cwd=tmp_path)
+    assert_ok(result)
+    assert f"{n_images} training images" in result.stdout
+    ckpt = load_ckpt(tmp_path / "checkpoints" / RUN / "ddpm_ts20_epoch0001.pt")
+    assert ckpt["num_images"] == n_images and ckpt["config"]["image_size"] == 16
+    assert_valid_png(tmp_path / "samples" / RUN / "epoch_0001.png", min_size=(2 * 16, 16))
+
+
+# --- 7. Bad input: one line, exit 2, nothing touched ------------------------------------------------
+
+def _real_checkpoint(trained, tmp_path):
+    shutil.copy(trained.run_dir / "ddpm_ts20_epoch0002.pt", tmp_path / "real.pt")
+    return "real.pt"
+
+
+def _truncated_checkpoint(trained, tmp_path):
+    data = (trained.run_dir / "ddpm_ts20_epoch0002.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[:len(data) // 2])
+    return "truncated.pt"
+
+
+def _garbage_checkpoint(trained, tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return "garbage.pt"
+
+
+def _empty_dir(trained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    return "empty"
+
+
+def _one_image(trained, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "imgs" / "x.png")
+    return "imgs"
+
+
+BAD_INPUTS = [
+    # id, setup (returns a path the arguments use as {p}), arguments, fragments of the message
+    ("unknown-preset", None, ["--preset", "nope"],
+     ["nope", "quick_test", "cifar10_optimized", "ddpm_paper", "best_quality", "fastest", "low_memory"]),
+    ("negative-learning-rate", None, ["--preset", "quick_test", "--learning_rate", "-0.001"], ["--learning_rate"]),
+    ("beta-start-above-beta-end", None, ["--preset", "quick_test", "--beta_start", "0.2", "--beta_end", "0.1"],
+     ["--beta_start", "--beta_end"]),
+    ("beta-start-equal-to-beta-end", None, ["--preset", "quick_test", "--beta_start", "0.1", "--beta_end", "0.1"],
+     ["--beta_start"]),
+    ("sample-without-checkpoint-flag", None, ["--mode", "sample"], ["--checkpoint"]),
+    ("sample-missing-checkpoint", None, ["--mode", "sample", "--checkpoint", "nothing_here.pt"], ["nothing_here.pt"]),
+    ("sample-run-folder-without-checkpoints", _empty_dir, ["--mode", "sample", "--checkpoint", "{p}"], ["empty"]),
+    ("sample-garbage-checkpoint", _garbage_checkpoint, ["--mode", "sample", "--checkpoint", "{p}"], ["garbage.pt"]),
+    ("sample-truncated-checkpoint", _truncated_checkpoint, ["--mode", "sample", "--checkpoint", "{p}"],
+     ["truncated.pt"]),
+    ("resume-garbage-checkpoint", _garbage_checkpoint, ["--resume", "{p}", "--epochs", "3"], ["garbage.pt"]),
+    ("resume-truncated-checkpoint", _truncated_checkpoint, ["--resume", "{p}", "--epochs", "3"], ["truncated.pt"]),
+    ("resume-missing-checkpoint", None, ["--resume", "nothing_here.pt"], ["nothing_here.pt"]),
+    ("cifar10-offline-without-data", _empty_dir, ["--preset", "quick_test", "--dataset", "cifar10", "--data_dir", "{p}"],
+     ["cifar-10-python.tar.gz", "https://", "empty", "cifar-10-batches-py"]),
+    ("sampling-steps-above-timesteps", _real_checkpoint,
+     ["--mode", "sample", "--checkpoint", "{p}", "--sampling_steps", "21"], ["--sampling_steps", "20"]),
+    ("sample-zero-samples", _real_checkpoint, ["--mode", "sample", "--checkpoint", "{p}", "--num_samples", "0"],
+     ["--num_samples"]),
+    ("image-size-not-a-multiple-of-the-levels", _one_image,
+     ["--preset", "quick_test", "--dataset", "folder", "--data_dir", "{p}", "--image_size", "30"], ["--image_size"]),
+    ("empty-image-folder", _empty_dir, ["--preset", "quick_test", "--dataset", "folder", "--data_dir", "{p}"],
+     ["no .png/.jpg/.jpeg images", "empty"]),
+    ("image-folder-that-does-not-exist", None,
+     ["--preset", "quick_test", "--dataset", "folder", "--data_dir", "no_such_folder"], ["no_such_folder"]),
+    ("preview-steps-above-timesteps", None, ["--preset", "quick_test", "--timesteps", "20", "--preview_steps", "50"],
+     ["--preview_steps"]),
+    ("zero-epochs", None, ["--preset", "quick_test", "--epochs", "0"], ["--epochs"]),
+    ("channel-mults-not-integers", None, ["--preset", "quick_test", "--channel_mults", "1,x"], ["--channel_mults"]),
+]
+
+
+@pytest.mark.parametrize("setup, args, fragments", [pytest.param(*case[1:], id=case[0]) for case in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_touches_no_file(trained, tmp_path, setup, args, fragments):
+    p = setup(trained, tmp_path) if setup else None
+    args = [a.format(p=p) for a in args]
+    before = snapshot(tmp_path)
+    result = run_cli(*args, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert snapshot(tmp_path) == before
+
+
+# --- 8. A malicious checkpoint is never executed ------------------------------------------------------
+
+class _RunsACommand:
+    """Unpickling this calls os.system: what a hostile checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def write_evil_checkpoint(path, marker):
+    torch.save({"model": _RunsACommand(f"touch {marker}"), "config": {}}, path)
+
+
+def test_the_evil_checkpoint_really_runs_code_when_unpickled_unsafely(tmp_path):
+    # The control: the file the next tests use is truly hostile.
+    marker = tmp_path / "control_marker"
+    write_evil_checkpoint(tmp_path / "evil.pt", marker)
+    torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert marker.exists()
+
+
+@pytest.fixture(scope="module")
+def evil_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evil")
+    marker = root / "PWNED"
+    write_evil_checkpoint(root / "evil.pt", marker)
+    before = snapshot(root)
+    results = {"sample": run_cli("--mode", "sample", "--checkpoint", "evil.pt", cwd=root),
+               "resume": run_cli("--resume", "evil.pt", "--epochs", "3", cwd=root)}
+    return SimpleNamespace(root=root, marker=marker, before=before, results=results)
+
+
+@pytest.mark.parametrize("mode", ["sample", "resume"])
+def test_a_malicious_checkpoint_is_refused_without_running_its_code(evil_runs, mode):
+    assert_one_line_error(evil_runs.results[mode], "evil.pt")
+    assert not evil_runs.marker.exists(), "the pickled os.system ran"
+    assert snapshot(evil_runs.root) == evil_runs.before
+
+
+def test_the_error_for_a_malicious_checkpoint_names_the_blocked_call_and_does_not_advise_weights_only_false(evil_runs):
+    # The one-line message should say why the file was refused (torch names the blocked global
+    # posix.system) and must not read as advice to load a hostile file with weights_only=False.
+    line = evil_runs.results["sample"].stderr.strip()
+    assert "system" in line, line
+    assert "set to `False`" not in line, line
