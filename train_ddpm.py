@@ -1102,7 +1102,7 @@ def train(cfg, resume_from=None):
         epoch_done = epoch + 1
         pause_start = time.perf_counter()
         # sample
-        if (cfg.sample_every and epoch_done % cfg.sample_every == 0) or finished:
+        if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
             preview = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
             tqdm.write(f"preview: {preview}")
         # save

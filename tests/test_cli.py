@@ -627,3 +627,82 @@ def test_the_error_for_a_malicious_checkpoint_names_the_blocked_call_and_does_no
     line = evil_runs.results["sample"].stderr.strip()
     assert "system" in line, line
     assert "set to `False`" not in line, line
+
+
+# --- 10. Options: keep_last, EMA weights, aliases, the config as flags --------------------------------
+
+def test_keep_last_prunes_older_epoch_checkpoints_and_latest_stays_loadable(cifar_dir, tmp_path):
+    assert_ok(run_cli(*TINY, "--epochs", "3", "--keep_last", "1", "--sample_every", "0",
+                      "--data_dir", cifar_dir, cwd=tmp_path))
+    run_dir = tmp_path / "checkpoints" / RUN
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == ["ddpm_ts20_epoch0003.pt", "latest.pt"]
+    assert load_ckpt(run_dir / "latest.pt")["step"] == 3 * STEPS_PER_EPOCH
+    assert not (tmp_path / "samples" / RUN).exists() or not list((tmp_path / "samples" / RUN).iterdir())
+
+
+def sample_npz(trained, tmp_path, *extra):
+    out = tmp_path / "_".join(extra).replace("-", "") if extra else tmp_path / "default"
+    assert_ok(run_cli("--mode", "sample", "--checkpoint", trained.run_dir, "--sampling_steps", "5",
+                      "--num_samples", "4", "--seed", "3", "--out", out, *extra, cwd=tmp_path))
+    (npz,) = out.glob("*.npz")
+    return np.load(npz)["arr_0"]
+
+
+def test_cli_samples_come_from_the_ema_weights_unless_no_ema(trained, tmp_path):
+    import train_ddpm
+    ema_images = sample_npz(trained, tmp_path)
+    raw_images = sample_npz(trained, tmp_path, "--no_ema")
+    for use_ema, images in ((True, ema_images), (False, raw_images)):
+        model, diffusion, cfg = train_ddpm.load_checkpoint(trained.run_dir / "latest.pt", use_ema=use_ema)
+        expected = train_ddpm.generate_samples(model, diffusion, cfg, 4, 128, "ddpm", 5, 0.0, "fixedlarge", seed=3)
+        assert np.array_equal(images, expected), f"use_ema={use_ema}"
+    assert not np.array_equal(ema_images, raw_images)
+
+
+def test_var_type_fixedsmall_changes_ddpm_samples(trained, tmp_path):
+    large = sample_npz(trained, tmp_path)
+    small = sample_npz(trained, tmp_path, "--var_type", "fixedsmall")
+    assert not np.array_equal(large, small)
+
+
+def test_seed_aliases_and_boolean_flags_reach_the_saved_config_and_the_model(cifar_dir, tmp_path):
+    i = TINY.index("--base_channels")
+    assert_ok(run_cli(*TINY[:i], *TINY[i + 2:], "--hidden_dim", "16",
+                      "--time_emb_dim", "24", "--use_attention", "False", "--no_flip", "--epochs", "1",
+                      "--data_dir", cifar_dir, cwd=tmp_path))
+    run_dir = tmp_path / "checkpoints" / RUN
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["base_channels"], saved["emb_dim"], saved["use_attention"], saved["flip"]) == (16, 24, False, False)
+    weights = load_ckpt(run_dir / "latest.pt")["model"]
+    assert not any(".attn." in k for k in weights), "no attention block when --use_attention False"
+    assert weights["time_mlp.0.weight"].shape == (24, 16)
+
+
+def test_importing_the_script_has_no_side_effects(tmp_path):
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import train_ddpm"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == "", describe(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_config_field_has_a_flag_and_survives_a_checkpoint_round_trip():
+    import dataclasses
+    import train_ddpm
+    examples = {bool: "false", int: "7", float: "0.25", tuple: "1,2"}
+    parser = train_ddpm.build_parser()
+    for f in dataclasses.fields(train_ddpm.Config):
+        text = {"preset": "fastest", "dataset": "folder", "schedule_type": "cosine", "scheduler": "constant",
+                "device": "cpu"}.get(f.name, examples.get(f.type, "name"))
+        args = parser.parse_args([f"--{f.name}", text])
+        assert train_ddpm.explicit_config(args) == {f.name: train_ddpm.field_parser(f)(text)}, f.name
+    cfg = train_ddpm.preset_config("ddpm_paper", {"attn_resolutions": (16, 8)})
+    stored = torch.load(_save_to_bytes({"config": dataclasses.asdict(cfg)}), weights_only=True)
+    assert train_ddpm.config_from_dict(stored["config"]) == cfg
+
+
+def _save_to_bytes(obj):
+    import io
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
