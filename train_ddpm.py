@@ -116,7 +116,7 @@ PRESETS = {
     # x_T is still pure noise; the paper's 1e-4..0.02 at T=100 would leave 60% of the image in x_T.
     "quick_test": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128,
                        dropout=0.0, timesteps=100, beta_start=1e-3, beta_end=0.2, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-                       restart_period=1, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
+                       restart_period=4, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
                        save_every=1),
     "cifar10": dict(),
     "cifar10_optimized": dict(base_channels=64, emb_dim=256, learning_rate=3e-4, epochs=300,
@@ -1023,6 +1023,46 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images)
                       num_images=num_images)
 
 
+class Meter:
+    """Sums the loss and gradient norm on the device between log rows, so the step never waits for
+    the GPU; reads them back (.item()) only when a row is written. Also keeps the clocks."""
+
+    def __init__(self, device, step, elapsed_before):
+        self.device, self.elapsed_before = device, elapsed_before
+        self.session_start, self.session_start_step = time.perf_counter(), step
+        self._start_interval(step, self.session_start)
+
+    def _start_interval(self, step, now):
+        self.loss_sum = self.grad_norm_sum = torch.zeros((), device=self.device)
+        self.interval_step, self.interval_start = step, now
+
+    def add(self, loss, grad_norm):
+        self.loss_sum, self.grad_norm_sum = self.loss_sum + loss, self.grad_norm_sum + grad_norm
+
+    def pause(self, seconds):
+        """Leave time spent on previews and checkpoints out of images/s."""
+        self.interval_start += seconds
+
+    def elapsed(self):
+        """Wall time of the run over all its sessions."""
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def row(self, step, lr, batch_size, steps_per_epoch, session):
+        """A loss-log row averaging the steps since the previous row."""
+        now, n = time.perf_counter(), step - self.interval_step
+        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", loss=f"{self.loss_sum.item() / n:.6f}",
+                   lr=f"{lr:.6g}", grad_norm=f"{self.grad_norm_sum.item() / n:.4f}",
+                   images_per_s=f"{n * batch_size / (now - self.interval_start):.1f}",
+                   elapsed_s=f"{self.elapsed():.1f}", session=session)
+        self._start_interval(step, now)
+        return row
+
+    def eta(self, step, total_steps):
+        rate = (step - self.session_start_step) / (time.perf_counter() - self.session_start)
+        seconds = int((total_steps - step) / rate)
+        return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def write_preview(paths, ema_model, diffusion, noise, steps, epoch):
     images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise)
     path = paths.samples / f"epoch_{epoch:04d}.png"
@@ -1065,9 +1105,7 @@ def train(cfg, resume_from=None):
 
     model.train()
     last_saved = None
-    loss_sum = grad_norm_sum = torch.zeros((), device=device)
-    session_start, session_start_step, elapsed_before = time.perf_counter(), state.step, state.elapsed_s
-    log_time, log_step = session_start, state.step
+    meter = Meter(device, state.step, state.elapsed_s)
     for epoch in range(state.step // n_batches, cfg.epochs):
         start_batch = state.step - epoch * n_batches
         bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
@@ -1078,49 +1116,32 @@ def train(cfg, resume_from=None):
             loss, grad_norm = train_step(model, diffusion, x_start, optimizer, cfg.grad_clip)
             ema.update(model, state.step)
             state.step += 1
-            loss_sum, grad_norm_sum = loss_sum + loss, grad_norm_sum + grad_norm
+            meter.add(loss, grad_norm)
             bar.update(1)
-            # log: .item() waits for the GPU, so only every log_every steps
+            # log
             if state.step % cfg.log_every == 0 or state.step == total_steps:
-                now = time.perf_counter()
-                n = state.step - log_step
-                row = dict(step=state.step, epoch=f"{state.step / n_batches:.4f}",
-                           loss=f"{loss_sum.item() / n:.6f}", lr=f"{lr:.6g}",
-                           grad_norm=f"{grad_norm_sum.item() / n:.4f}",
-                           images_per_s=f"{n * cfg.batch_size / (now - log_time):.1f}",
-                           elapsed_s=f"{elapsed_before + now - session_start:.1f}", session=state.session)
+                row = meter.row(state.step, lr, cfg.batch_size, n_batches, state.session)
                 log.write(**row)
-                rate = (state.step - session_start_step) / (now - session_start)
                 bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
-                                eta_total=_format_duration((total_steps - state.step) / rate))
-                loss_sum = grad_norm_sum = torch.zeros((), device=device)
-                log_time, log_step = now, state.step
+                                eta_total=meter.eta(state.step, total_steps))
             if state.step >= total_steps:
                 break
         bar.close()
-        finished = state.step >= total_steps
-        epoch_done = epoch + 1
-        pause_start = time.perf_counter()
+        finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
         # sample
         if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
             preview = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
             tqdm.write(f"preview: {preview}")
         # save
         if epoch_done % cfg.save_every == 0 or finished:
-            state.elapsed_s = elapsed_before + time.perf_counter() - session_start
+            state.elapsed_s = meter.elapsed()
             last_saved = save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done)
             tqdm.write(f"checkpoint: {last_saved}")
-        log_time += time.perf_counter() - pause_start  # images/s counts training time only
+        meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
         if finished:
             break
     log.close()
     return last_saved
-
-
-def _format_duration(seconds):
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
 # --- Sampling from a checkpoint ---------------------------------------------------------------------
