@@ -71,21 +71,28 @@ def moving_average(values, window):
 
 
 def plateau_diagnostic(loss, window=None):
-    """Look at the last window of rows: the relative change of a straight-line fit across it and
-    the noise (std / mean). Returns (verdict, explanation)."""
+    """Judge the last window of rows by the noise (std / mean) and the change across the window of a
+    straight-line fit; a change within two standard errors of the fit counts as flat.
+    Returns (verdict, explanation)."""
     window = window or max(10, len(loss) // 5)
     tail = loss[-window:]
     if len(tail) < 5:
         return "too early", f"only {len(tail)} log rows; train longer for a verdict"
-    mean, std = tail.mean(), tail.std()
-    slope = np.polyfit(np.arange(len(tail)), tail, 1)[0]
+    x = np.arange(len(tail))
+    slope, intercept = np.polyfit(x, tail, 1)
+    residuals = tail - (slope * x + intercept)
+    slope_stderr = np.sqrt(residuals.var(ddof=2) / ((x - x.mean()) ** 2).sum())
+    mean, noise = tail.mean(), tail.std() / tail.mean()
     change = slope * (len(tail) - 1) / mean
-    detail = f"last {len(tail)} rows: std/mean {std / mean:.3f}, trend {change:+.1%}"
-    if change < -0.02:
+    significant = abs(slope) > 2 * slope_stderr
+    detail = f"last {len(tail)} rows: std/mean {noise:.3f}, trend {change:+.1%}{'' if significant else ' (within the noise)'}"
+    if significant and change < -0.01:
         return "still improving", f"{detail}; keep training"
-    if change <= 0.02 and std / mean < 0.1:
-        return "converged", f"{detail}; the loss is flat: more epochs mostly refine sample quality (watch the previews or FID)"
-    return "stalled", f"{detail}; the loss is noisy or rising without improving: try a lower learning rate"
+    if significant and change > 0.01:
+        return "stalled", f"{detail}; the loss is rising: lower the learning rate"
+    if noise < 0.1:
+        return "converged", f"{detail}; the loss is flat: more epochs mostly refine sample quality (watch the previews)"
+    return "stalled", f"{detail}; the loss is flat but noisy: try a lower learning rate or a larger batch"
 
 
 def epoch_boundaries(step, epoch):

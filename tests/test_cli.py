@@ -706,3 +706,12 @@ def _save_to_bytes(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_plot_loss_draws_the_log_of_a_real_run(trained, tmp_path):
+    out = tmp_path / "loss.png"
+    result = subprocess.run([sys.executable, str(REPO / "plot_loss.py"), str(trained.run_dir), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert_ok(result)
+    assert_valid_png(out, min_size=(400, 300))
+    assert "plateau check:" in result.stdout and f"step {2 * STEPS_PER_EPOCH}" in result.stdout
