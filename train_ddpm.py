@@ -1049,9 +1049,10 @@ class Meter:
 
     def row(self, step, lr, batch_size, steps_per_epoch, session):
         """A loss-log row averaging the steps since the previous row."""
+        loss_sum, grad_norm_sum = torch.stack([self.loss_sum, self.grad_norm_sum]).tolist()  # one sync
         now, n = time.perf_counter(), step - self.interval_step
-        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", loss=f"{self.loss_sum.item() / n:.6f}",
-                   lr=f"{lr:.6g}", grad_norm=f"{self.grad_norm_sum.item() / n:.4f}",
+        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", loss=f"{loss_sum / n:.6f}",
+                   lr=f"{lr:.6g}", grad_norm=f"{grad_norm_sum / n:.4f}",
                    images_per_s=f"{n * batch_size / (now - self.interval_start):.1f}",
                    elapsed_s=f"{self.elapsed():.1f}", session=session)
         self._start_interval(step, now)
