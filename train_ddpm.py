@@ -8,11 +8,12 @@ samplers, the training loop, checkpoints, and the command line.
     python train_ddpm.py --mode train --preset ddpm_paper      # Ho et al. 2020, exactly
     python train_ddpm.py --mode train --run_name quick_test_ts100 --resume latest
     python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler ddim --sampling_steps 50
+    python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler dpmpp2m --sampling_steps 20
 
 Presets: quick_test, cifar10, cifar10_optimized, ddpm_paper, best_quality, fastest, low_memory.
 
 Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
-Song, Meng & Ermon 2021 (DDIM).
+Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++).
 """
 
 import argparse
@@ -595,11 +596,13 @@ class GaussianDiffusion(nn.Module):
         return GaussianDiffusion(1.0 - alphas_cumprod / prev).to(self.betas.device)
 
     def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, generator=None,
-               clip_denoised=True, var_type="fixedlarge", noise=None, progress=False):
+               clip_denoised=True, var_type="fixedlarge", noise=None, progress=False,
+               timestep_spacing=None):
         """Generate images (B, C, H, W), in [-1, 1] when clip_denoised. `model(x_t, t)` predicts the noise."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        kwargs = dict(eta=eta) if sampler == "ddim" else dict(var_type=var_type)
+        kwargs = {"ddpm": dict(var_type=var_type), "ddim": dict(eta=eta), "dpmpp2m": {}}[sampler]
+        kwargs["spacing"] = timestep_spacing or DEFAULT_SPACING[sampler]
         was_training = getattr(model, "training", False)
         if was_training:
             model.eval()  # dropout off while sampling
@@ -611,15 +614,56 @@ class GaussianDiffusion(nn.Module):
                 model.train()
 
 
-# --- Samplers: DDPM ancestral and DDIM ------------------------------------------------------------
+# --- Samplers: DDPM ancestral, DDIM, DPM-Solver++(2M) -----------------------------------------
 
-def strided_timesteps(num_timesteps, steps):
-    """`steps` timesteps evenly spread over [0, T - 1], both ends included, as int64 (increasing)."""
+TIMESTEP_SPACINGS = ("uniform", "quadratic", "trailing", "logsnr")
+
+
+def strided_timesteps(num_timesteps, steps, spacing="uniform", alphas_cumprod=None):
+    """`steps` distinct timesteps of [0, T - 1] as int64, increasing, always ending at T - 1.
+
+    uniform:   evenly spread, both ends included.
+    quadratic: t = (T - 1) (i / (K - 1))^2, denser near the data where fine detail forms
+               (the spirit of DDIM's "quad" skip), both ends included.
+    trailing:  T - 1, T - 1 - T/K, ... (Lin et al. 2024): starts at the last step, ends at T/K - 1.
+    logsnr:    evenly spread in lambda = log(alpha_bar / (1 - alpha_bar)), both ends included
+               (DPM-Solver's "logSNR" steps; needs alphas_cumprod).
+    """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose from {', '.join(TIMESTEP_SPACINGS)}")
+    if spacing == "logsnr" and alphas_cumprod is None:
+        raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
+    last = num_timesteps - 1
     if steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    return torch.linspace(0, num_timesteps - 1, steps, dtype=torch.float64).round().long()
+        return torch.tensor([last])
+    fraction = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == "trailing":
+        return (last - torch.arange(steps - 1, -1, -1, dtype=torch.float64) * num_timesteps / steps).round().long()
+    if spacing == "uniform":
+        points = fraction * last
+    elif spacing == "quadratic":
+        points = fraction ** 2 * last
+    else:
+        log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log().cpu()  # decreasing in t
+        targets = log_snr[0] + fraction * (log_snr[-1] - log_snr[0])
+        points = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).double()  # nearest step
+    return _distinct_increasing(points.round().long().tolist(), last)
+
+
+def _distinct_increasing(timesteps, last):
+    """Where a grid rounds several points to one step, push them apart by one step each, keeping
+    the first at or above 0 and the last at T - 1."""
+    for i in range(1, len(timesteps)):
+        timesteps[i] = max(timesteps[i], timesteps[i - 1] + 1)
+    timesteps[-1] = last
+    for i in range(len(timesteps) - 2, -1, -1):
+        timesteps[i] = min(timesteps[i], timesteps[i + 1] - 1)
+    return torch.tensor(timesteps)
+
+
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
 
 
 def _initial_noise(shape, noise, generator, device):
@@ -634,10 +678,11 @@ def _progress(iterable, enabled, desc):
 
 @torch.no_grad()
 def ddpm_sample(model, diffusion, shape, *, steps=None, generator=None, clip_denoised=True,
-                var_type="fixedlarge", noise=None, progress=False):
+                var_type="fixedlarge", noise=None, progress=False, spacing="uniform"):
     """Ancestral sampling, Ho et al. 2020 Algorithm 2; with steps < T, on the respaced chain."""
     device = diffusion.betas.device
-    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps)
+    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
+                                  diffusion.alphas_cumprod)
     chain = diffusion.respace(timesteps)
     x = _initial_noise(shape, noise, generator, device)
     for i in _progress(reversed(range(len(timesteps))), progress, "ddpm sampling"):
@@ -653,11 +698,12 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, generator=None, clip_den
 
 @torch.no_grad()
 def ddim_sample(model, diffusion, shape, *, steps=None, eta=0.0, generator=None, clip_denoised=True,
-                noise=None, progress=False):
-    """DDIM, Song et al. 2021 eq. 12, over evenly strided timesteps; eta = 0 is deterministic and
+                noise=None, progress=False, spacing="uniform"):
+    """DDIM, Song et al. 2021 eq. 12, over strided timesteps; eta = 0 is deterministic and
     eta = 1 matches the DDPM posterior variance."""
     device = diffusion.betas.device
-    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps)
+    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
+                                  diffusion.alphas_cumprod)
     # Read the coefficients once on the host so the loop does not sync with the GPU.
     alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(device)].cpu().tolist()
     x = _initial_noise(shape, noise, generator, device)
@@ -676,7 +722,45 @@ def ddim_sample(model, diffusion, shape, *, steps=None, eta=0.0, generator=None,
     return x
 
 
-SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+@torch.no_grad()
+def dpmpp2m_sample(model, diffusion, shape, *, steps=None, generator=None, clip_denoised=True,
+                   noise=None, progress=False, spacing="logsnr"):
+    """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: a multistep second-order solver of the
+    probability-flow ODE in the data prediction x0_hat; 10-50 steps.
+
+    Here alpha_t = sqrt(alphas_cumprod[t]) and sigma_t = sqrt(1 - alphas_cumprod[t]) (DPM-Solver's
+    alpha_t is DDPM's sqrt(alpha_bar_t)), and lambda_t = log(alpha_t / sigma_t). The first step is
+    first order (it is DDIM); the last model call returns its x0_hat, the step to sigma = 0.
+    Steps evenly spaced in lambda by default: with steps even in t, the last step from t ~ T/K to
+    t = 0 spans most of the lambda range and the multistep extrapolation loses its accuracy.
+    """
+    device = diffusion.betas.device
+    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
+                                  diffusion.alphas_cumprod)
+    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(device)].cpu().tolist()  # host floats: no syncs
+    x = _initial_noise(shape, noise, generator, device)
+    pred_prev, h_prev = None, None
+    for i in _progress(reversed(range(len(timesteps))), progress, "dpm-solver++ sampling"):
+        t_cur = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+        alpha_t, sigma_t = math.sqrt(alphas_cumprod[i]), math.sqrt(1 - alphas_cumprod[i])
+        pred_xstart = (x - sigma_t * model(x, t_cur)) / alpha_t
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        if i == 0:
+            return pred_xstart
+        alpha_next, sigma_next = math.sqrt(alphas_cumprod[i - 1]), math.sqrt(1 - alphas_cumprod[i - 1])
+        h = math.log(alpha_next / sigma_next) - math.log(alpha_t / sigma_t)
+        if pred_prev is None:
+            d = pred_xstart
+        else:  # D_i = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}, r = h_{i-1} / h_i
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * pred_xstart - (1 / (2 * r)) * pred_prev
+        x = (sigma_next / sigma_t) * x - alpha_next * math.expm1(-h) * d
+        pred_prev, h_prev = pred_xstart, h
+    return x
+
+
+SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
 
 
 def build_diffusion(cfg):
@@ -1157,7 +1241,7 @@ def unique_stem(folder, stem):
 
 
 def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
-                     seed, clip_denoised=True):
+                     seed, clip_denoised=True, timestep_spacing=None):
     """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar."""
     device = diffusion.betas.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -1167,7 +1251,7 @@ def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, st
             b = min(batch_size, num_samples - bar.n)
             shape = (b, 3, cfg.image_size, cfg.image_size)
             x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                 clip_denoised=clip_denoised, var_type=var_type)
+                                 clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing)
             chunks.append(to_uint8(x))
             bar.update(b)
     return np.concatenate(chunks)
@@ -1194,8 +1278,10 @@ def run_sample(args):
           f"{'EMA' if not args.no_ema else 'raw'} weights, {count_parameters(model) / 1e6:.2f}M parameters")
 
     images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
-                              steps, args.eta, args.var_type, seed)
-    suffix = f"_eta{args.eta:g}" if args.sampler == "ddim" else f"_{args.var_type}"
+                              steps, args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing)
+    suffix = {"ddim": f"_eta{args.eta:g}", "ddpm": f"_{args.var_type}", "dpmpp2m": ""}[args.sampler]
+    if args.timestep_spacing:
+        suffix += f"_{args.timestep_spacing}"
     stem = unique_stem(out, f"samples_{args.sampler}{steps}{suffix}_seed{seed}")
     np.savez(out / f"{stem}.npz", images)  # arr_0: uint8 (N, H, W, 3)
     folder = out / stem
@@ -1269,8 +1355,11 @@ def build_parser():
     sample = parser.add_argument_group("sampling (--mode sample)")
     sample.add_argument("--checkpoint", help="checkpoint file, or a run folder meaning its newest checkpoint")
     sample.add_argument("--num_samples", type=int, default=64)
-    sample.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm")
+    sample.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm",
+                        help="ddpm: ancestral (Ho et al.); ddim: Song et al.; dpmpp2m: DPM-Solver++(2M), 10-50 steps")
     sample.add_argument("--sampling_steps", type=int, default=None, help="K <= T evenly strided steps (default T)")
+    sample.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                        help="which K of the T steps to visit (default: uniform for ddpm/ddim, logsnr for dpmpp2m)")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     sample.add_argument("--var_type", choices=("fixedlarge", "fixedsmall"), default="fixedlarge",
                         help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")

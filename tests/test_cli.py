@@ -715,3 +715,11 @@ def test_plot_loss_draws_the_log_of_a_real_run(trained, tmp_path):
     assert_ok(result)
     assert_valid_png(out, min_size=(400, 300))
     assert "plateau check:" in result.stdout and f"step {2 * STEPS_PER_EPOCH}" in result.stdout
+
+
+def test_dpm_solver_sampling_from_the_cli_with_a_chosen_spacing(trained, tmp_path):
+    result = run_cli("--mode", "sample", "--checkpoint", trained.run_dir, "--sampler", "dpmpp2m",
+                     "--sampling_steps", "6", "--timestep_spacing", "quadratic", "--num_samples", "3", cwd=tmp_path)
+    assert_ok(result)
+    (npz,) = (tmp_path / "samples" / RUN).glob("samples_dpmpp2m6_quadratic_seed0.npz")
+    assert np.load(npz)["arr_0"].shape == (3, 32, 32, 3)

@@ -1,0 +1,162 @@
+"""DPM-Solver++(2M) and the timestep spacings, checked with exact noise predictors.
+
+For data that is a mixture of isotropic Gaussians N(m_k, s_k^2 I) with weights w_k, every marginal
+q(x_t) is again such a mixture, so the optimal noise prediction E[eps | x_t] has a closed form; the
+samplers' only error is then their discretisation of the reverse process.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_ddpm as td
+
+T = 1000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors and a thousand sequential steps: one thread avoids pool stalls on a busy machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class MixturePredictor:
+    """eps*(x_t, t) = (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar) for a Gaussian-mixture data law."""
+
+    def __init__(self, diffusion, means, stds, weights):
+        self.abar = diffusion.alphas_cumprod  # float64 [T]
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, D)
+        self.vars = torch.as_tensor(stds, dtype=torch.float64) ** 2  # (K,)
+        self.log_w = torch.as_tensor(weights, dtype=torch.float64).log()
+
+    def __call__(self, x_t, t):
+        shape = x_t.shape
+        x = x_t.reshape(shape[0], -1).double()  # (B, D)
+        a = self.abar[t].view(-1, 1, 1)  # (B, 1, 1)
+        var_t = a * self.vars.view(1, -1, 1) + (1 - a)  # (B, K, 1) variance of component k at time t
+        diff = x[:, None, :] - a.sqrt() * self.means[None]  # (B, K, D)
+        d = x.shape[1]
+        log_p = self.log_w - 0.5 * (diff ** 2).sum(-1) / var_t[..., 0] - 0.5 * d * var_t[..., 0].log()
+        resp = torch.softmax(log_p, dim=1)[..., None]  # (B, K, 1)
+        x0_given_k = self.means[None] + a.sqrt() * self.vars.view(1, -1, 1) / var_t * diff
+        x0 = (resp * x0_given_k).sum(1)
+        eps = (x - a[:, 0].sqrt() * x0) / (1 - a[:, 0]).sqrt()
+        return eps.reshape(shape).to(x_t.dtype)
+
+
+def linear_diffusion():
+    return td.GaussianDiffusion(td.make_beta_schedule("linear", T))
+
+
+def exact_ode_map_for_a_gaussian(diffusion, x_T, mu, s):
+    """The probability-flow ODE keeps z = (x_t - sqrt(abar) mu) / sqrt(abar s^2 + 1 - abar) fixed;
+    from the last step it ends at t = 0 and its final denoising gives E[x0 | x at t=0]."""
+    abar_T, abar_0 = diffusion.alphas_cumprod[-1], diffusion.alphas_cumprod[0]
+    z = (x_T - abar_T.sqrt() * mu) / (abar_T * s ** 2 + 1 - abar_T).sqrt()
+    x_0 = abar_0.sqrt() * mu + (abar_0 * s ** 2 + 1 - abar_0).sqrt() * z
+    return mu + abar_0.sqrt() * s ** 2 / (abar_0 * s ** 2 + 1 - abar_0) * (x_0 - abar_0.sqrt() * mu)
+
+
+def run(diffusion, predictor, sampler, steps, x_T, **kw):
+    return diffusion.sample(predictor, x_T.shape, sampler=sampler, steps=steps, noise=x_T,
+                            clip_denoised=False, **kw)
+
+
+def test_dpm_solver_at_20_steps_is_as_close_to_the_exact_ode_solution_as_ddim_at_100_for_gaussian_data():
+    diffusion = linear_diffusion()
+    mu, s = 0.3, 0.5
+    predictor = MixturePredictor(diffusion, [[mu] * 12], [s], [1.0])
+    x_T = torch.randn((2000, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = exact_ode_map_for_a_gaussian(diffusion, x_T, mu, s)
+    error = {}
+    for sampler, steps in (("dpmpp2m", 20), ("ddim", 100), ("ddim", 20)):
+        error[sampler, steps] = (run(diffusion, predictor, sampler, steps, x_T) - exact).abs().max().item()
+    assert error["dpmpp2m", 20] <= error["ddim", 100], error
+    assert error["dpmpp2m", 20] < 0.2 * error["ddim", 20], error  # second order beats first at equal cost
+    assert error["dpmpp2m", 20] < 0.05, error  # in pixels of a [-1, 1] image
+
+
+def test_logsnr_steps_are_evenly_spread_in_lambda():
+    diffusion = linear_diffusion()
+    ts = td.strided_timesteps(T, 20, "logsnr", diffusion.alphas_cumprod)
+    abar = diffusion.alphas_cumprod[ts]
+    steps = (abar / (1 - abar)).log().diff().abs()
+    assert ts[0] == 0 and ts[-1] == T - 1
+    assert steps.max() / steps.min() < 1.5, steps  # even up to the rounding to whole timesteps
+
+
+def test_dpm_solver_at_20_steps_lands_as_close_to_a_mixture_as_ddim_at_100():
+    """A two-bump mixture makes the ODE nonlinear; the reference is DDIM over all 1000 steps."""
+    diffusion = linear_diffusion()
+    rng = np.random.default_rng(1)
+    means = rng.uniform(-0.7, 0.7, size=(2, 12))
+    predictor = MixturePredictor(diffusion, means, [0.1, 0.2], [0.3, 0.7])
+    x_T = torch.randn((1000, 3, 2, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    reference = run(diffusion, predictor, "ddim", T, x_T)
+    dpm20 = (run(diffusion, predictor, "dpmpp2m", 20, x_T) - reference).pow(2).mean().sqrt().item()
+    ddim100 = (run(diffusion, predictor, "ddim", 100, x_T) - reference).pow(2).mean().sqrt().item()
+    assert dpm20 <= ddim100, (dpm20, ddim100)
+    # and the samples belong to the right bumps in the right shares
+    samples = run(diffusion, predictor, "dpmpp2m", 20, x_T).reshape(len(x_T), -1).numpy()
+    nearest = np.argmin(((samples[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    share = (nearest == 1).mean()
+    assert abs(share - 0.7) < 4.5 * math.sqrt(0.7 * 0.3 / len(x_T)), share
+
+
+def test_one_step_dpm_solver_and_ddim_agree_on_the_first_step():
+    # DPM-Solver++'s first-order step is DDIM (Lu et al. 2022, sec. 4); with two timesteps both
+    # samplers make one such step and then return x0_hat.
+    diffusion = linear_diffusion()
+    predictor = MixturePredictor(diffusion, [[0.2] * 4], [0.4], [1.0])
+    x_T = torch.randn((64, 1, 2, 2), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(run(diffusion, predictor, "dpmpp2m", 2, x_T), run(diffusion, predictor, "ddim", 2, x_T),
+                          atol=1e-10)
+
+
+def test_dpm_solver_clips_its_data_prediction_when_asked():
+    diffusion = linear_diffusion()
+    predictor = MixturePredictor(diffusion, [[3.0] * 4], [0.1], [1.0])  # data far outside [-1, 1]
+    x_T = torch.randn((16, 1, 2, 2), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    clipped = diffusion.sample(predictor, x_T.shape, sampler="dpmpp2m", steps=10, noise=x_T)
+    assert clipped.abs().max() <= 1.0
+    assert run(diffusion, predictor, "dpmpp2m", 10, x_T).mean() > 2.5
+
+
+@pytest.mark.parametrize("spacing", td.TIMESTEP_SPACINGS)
+def test_every_spacing_gives_k_distinct_increasing_steps_ending_at_the_last_step(spacing):
+    for num_timesteps in (2, 7, 50, 1000):
+        for steps in sorted({1, 2, min(3, num_timesteps), num_timesteps // 2 or 1, num_timesteps - 1 or 1, num_timesteps}):
+            alphas_cumprod = torch.cumprod(1 - td.make_beta_schedule("linear", num_timesteps), 0)
+            ts = td.strided_timesteps(num_timesteps, steps, spacing, alphas_cumprod)
+            assert len(ts) == steps and ts.dtype == torch.long
+            assert (ts.diff() > 0).all() and ts.min() >= 0 and ts[-1] == num_timesteps - 1, (num_timesteps, steps)
+
+
+def test_spacings_follow_their_definitions():
+    assert td.strided_timesteps(1000, 10, "trailing").tolist() == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    quad = td.strided_timesteps(1000, 11, "quadratic").tolist()
+    assert quad == [round(999 * (i / 10) ** 2) for i in range(11)]
+    assert td.strided_timesteps(1000, 4, "uniform").tolist() == [0, 333, 666, 999]
+    with pytest.raises(ValueError):
+        td.strided_timesteps(1000, 10, "leading")
+    with pytest.raises(ValueError):
+        td.strided_timesteps(1000, 10, "logsnr")  # needs the schedule
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+@pytest.mark.parametrize("spacing", ["quadratic", "trailing"])
+def test_every_sampler_with_every_spacing_reproduces_gaussian_data(sampler, spacing):
+    diffusion = linear_diffusion()
+    mu, s = -0.2, 0.4
+    predictor = MixturePredictor(diffusion, [[mu] * 4], [s], [1.0])
+    x_T = torch.randn((4000, 1, 2, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    samples = diffusion.sample(predictor, x_T.shape, sampler=sampler, steps=50, noise=x_T, clip_denoised=False,
+                               timestep_spacing=spacing, generator=torch.Generator().manual_seed(6))
+    # 50 steps: the discretisation costs a few percent of the spread; the mean stays put
+    assert abs(samples.mean().item() - mu) < 0.01
+    assert abs(samples.std().item() / s - 1) < 0.1, samples.std().item()
