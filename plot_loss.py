@@ -52,14 +52,23 @@ def read_loss_log(path):
         rows = list(reader)
     if not rows:
         raise PlotError(f"{path} has no rows yet; train for at least --log_every steps")
-    # Optional columns (e.g. ones added by later versions) are kept only where every row has them.
-    present = [name for name in reader.fieldnames if all(r.get(name) not in (None, "") for r in rows)]
+    # Training rows and validation rows fill different columns; a blank cell reads as NaN.
     try:
-        columns = {name: np.array([float(r[name]) for r in rows]) for name in present}
+        columns = {name: np.array([float(r[name]) if r.get(name) not in (None, "") else np.nan for r in rows])
+                   for name in reader.fieldnames}
     except ValueError as e:
         raise PlotError(f"{path} has a malformed row ({e})") from None
     order = np.argsort(columns["step"], kind="stable")
-    return {name: values[order] for name, values in columns.items()}
+    columns = {name: values[order] for name, values in columns.items()}
+    if np.isnan(columns["loss"]).all():
+        raise PlotError(f"{path} has no training-loss rows yet; train for at least --log_every steps")
+    return columns
+
+
+def rows_with(log, column):
+    """The log restricted to the rows where `column` is filled in."""
+    keep = ~np.isnan(log[column])
+    return {name: values[keep] for name, values in log.items()}
 
 
 def moving_average(values, window):
@@ -118,8 +127,54 @@ def warm_restarts(step, lr):
     return step[1:][np.diff(lr) > 0.5 * span]
 
 
+QUARTILES = ("loss_q0", "loss_q1", "loss_q2", "loss_q3")
+
+
 def plot(log, out, smooth_window, title):
-    fig, ax = plt.subplots(figsize=(11, 5.5))
+    train = rows_with(log, "loss")
+    has_quartiles = all(q in log for q in QUARTILES) and not np.isnan(log["loss_q0"]).all()
+    has_val = "val_loss" in log and not np.isnan(log["val_loss"]).all()
+    extra = has_quartiles + has_val
+    fig, axes = plt.subplots(1 + extra, 1, figsize=(11, 5.5 + 2.8 * extra), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [2] + [1] * extra})
+    plot_loss_and_lr(axes[0, 0], train, smooth_window)
+    axes[0, 0].set_title(title)
+    row = 1
+    if has_quartiles:
+        plot_quartiles(axes[row, 0], train, smooth_window)
+        row += 1
+    if has_val:
+        plot_validation(axes[row, 0], rows_with(log, "val_loss"))
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_quartiles(ax, train, smooth_window):
+    """The loss per timestep quartile: the noisiest quarter (q3) is easy, the cleanest (q0) hard."""
+    for q, name in enumerate(QUARTILES):
+        rows = rows_with(train, name)
+        ax.plot(rows["step"], moving_average(rows[name], smooth_window), linewidth=1.2,
+                label=f"t in quartile {q} ({'cleanest' if q == 0 else 'noisiest' if q == 3 else 'middle'})")
+    ax.set_yscale("log")
+    ax.set_ylabel("loss by timestep")
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, ncol=4, loc="upper right")
+
+
+def plot_validation(ax, val):
+    ax.plot(val["step"], val["val_loss"], marker="o", markersize=3, color="tab:purple",
+            label="validation loss (EMA weights, fixed t and noise)")
+    best = np.argmin(val["val_loss"])
+    ax.plot(val["step"][best], val["val_loss"][best], marker="*", markersize=12, color="tab:red", linestyle="none",
+            label=f"best {val['val_loss'][best]:.4f} at step {int(val['step'][best]):,}")
+    ax.set_ylabel("validation loss")
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def plot_loss_and_lr(ax, log, smooth_window):
     step, loss = log["step"], log["loss"]
     if smooth_window > 1:
         ax.plot(step, loss, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
@@ -128,7 +183,6 @@ def plot(log, out, smooth_window, title):
     else:
         ax.plot(step, loss, color="tab:blue", linewidth=1.5, label="loss")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (MSE of the noise)")
     ax.grid(True, which="both", alpha=0.25)
 
@@ -149,15 +203,11 @@ def plot(log, out, smooth_window, title):
 
     handles, labels = ax.get_legend_handles_labels()
     lr_handles, lr_labels = lr_ax.get_legend_handles_labels()
-    ax.legend(handles + lr_handles, labels + lr_labels, loc="upper center", bbox_to_anchor=(0.5, -0.12),
-              ncol=len(labels) + len(lr_labels), fontsize=8, frameon=False)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    ax.legend(handles + lr_handles, labels + lr_labels, loc="upper right", ncol=3, fontsize=8)
 
 
 def run_title(log_path, log):
+    log = rows_with(log, "loss")
     config_path = Path(log_path).with_name("config.json")
     name = Path(log_path).parent.name
     try:
@@ -182,13 +232,18 @@ def main(argv=None):
         out = Path(args.out) if args.out else log_path.with_name("loss_plot.png")
         if not out.parent.is_dir():
             raise PlotError(f"cannot write {out}: folder {out.parent} does not exist")
-        smooth_window = args.smooth or min(len(log["loss"]), max(5, len(log["loss"]) // 50))
+        n_train = int((~np.isnan(log["loss"])).sum())
+        smooth_window = args.smooth or min(n_train, max(5, n_train // 50))
         plot(log, out, smooth_window, run_title(log_path, log))
     except PlotError as e:
         print(f"plot_loss.py: error: {e}", file=sys.stderr)
         return 2
-    verdict, detail = plateau_diagnostic(log["loss"])
-    print(f"final loss {log['loss'][-1]:.4f} at step {int(log['step'][-1]):,}")
+    train = rows_with(log, "loss")
+    verdict, detail = plateau_diagnostic(train["loss"])
+    print(f"final loss {train['loss'][-1]:.4f} at step {int(train['step'][-1]):,}")
+    if "val_loss" in log and not np.isnan(log["val_loss"]).all():
+        val = rows_with(log, "val_loss")
+        print(f"validation loss {val['val_loss'][-1]:.4f} (best {val['val_loss'].min():.4f})")
     print(f"plateau check: {verdict} ({detail})")
     print(f"wrote {out}")
     return 0

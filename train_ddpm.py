@@ -64,6 +64,8 @@ class Config:
     image_size: int = _field(32, "image side in pixels (folder images are resized and center-cropped)")
     flip: bool = _field(True, "random horizontal flips (--no_flip to disable)")
     train_subset: int = _field(0, "train on a fixed random N of the images (0 = all), for quick runs")
+    val_size: int = _field(1000, "images for the validation loss: CIFAR-10's test split, or held out of a "
+                                 "folder (at most a tenth of it); 0 = no validation")
     # model: the DDPM UNet (Ho et al. 2020, Appendix B)
     base_channels: int = _field(128, "UNet width at full resolution", aliases=("hidden_dim",))
     channel_mults: tuple = _field((1, 2, 2, 2), "width multiplier per resolution level, e.g. 1,2,2,2")
@@ -101,6 +103,8 @@ class Config:
     preview_steps: int = _field(50, "DDIM steps used for previews")
     save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)")
     keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)")
+    early_stopping: bool = _field(False, "stop when the validation loss has not improved for --patience epochs")
+    patience: int = _field(10, "epochs without a better validation loss before early stopping")
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -109,7 +113,7 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # a different run (architecture, schedule, optimisation, data order).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "num_workers", "data_dir", "log_every",
                      "sample_every", "num_preview", "preview_steps", "save_every", "keep_last",
-                     "checkpoint_dir", "samples_dir", "run_name")
+                     "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience")
 
 # Presets hold overrides of Config only, so a typo in a key fails at import (Config(**preset)).
 PRESETS = {
@@ -196,6 +200,9 @@ def validate_config(cfg):
         (cfg.max_steps >= 0, "--max_steps must be >= 0 (0 = no limit)"),
         (cfg.num_workers >= 0, "--num_workers must be >= 0"),
         (cfg.train_subset >= 0, "--train_subset must be >= 0 (0 = all images)"),
+        (cfg.val_size >= 0, "--val_size must be >= 0 (0 = no validation)"),
+        (cfg.patience >= 1, "--patience must be at least 1 epoch"),
+        (not (cfg.early_stopping and cfg.val_size == 0), "--early_stopping needs a validation set: --val_size > 0"),
         (cfg.log_every >= 1, "--log_every must be at least 1"),
         (cfg.sample_every >= 0, "--sample_every must be >= 0 (0 = no previews)"),
         (cfg.num_preview >= 1, "--num_preview must be at least 1"),
@@ -221,6 +228,7 @@ def validate_config(cfg):
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
+CIFAR10_TEST_BATCH = "test_batch"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -240,8 +248,13 @@ def load_cifar10_train(data_dir):
     folder = Path(data_dir) / "cifar-10-batches-py"
     if not all((folder / name).is_file() for name in CIFAR10_TRAIN_BATCHES):
         download_cifar10(data_dir)
+    return read_cifar10_batches(folder, CIFAR10_TRAIN_BATCHES)
+
+
+def read_cifar10_batches(folder, names):
+    """CIFAR-10 pickle batches as one uint8 array (N, 3, 32, 32)."""
     batches = []
-    for name in CIFAR10_TRAIN_BATCHES:
+    for name in names:
         try:
             with open(folder / name, "rb") as f:
                 batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
@@ -272,10 +285,11 @@ def subset_indices(total, subset, seed):
     return np.sort(np.random.default_rng(seed).choice(total, size=subset, replace=False))
 
 
-def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0):
-    """Every .png/.jpg/.jpeg under data_dir (recursively; or a fixed random `subset` of them) as RGB
-    uint8 (N, 3, S, S): resized so the short side is S, then center-cropped. Decoded once, so
-    training never waits on files."""
+def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0, val_size=0):
+    """Every .png/.jpg/.jpeg under data_dir (recursively) as RGB uint8 (N, 3, S, S): resized so the
+    short side is S, then center-cropped, and decoded once so training never waits on files.
+    Returns (train, val): val is a fixed random min(val_size, N // 10) of the images, held out;
+    train is the rest, or a fixed random `subset` of it."""
     from PIL import Image, ImageOps
     root = Path(data_dir)
     if not root.is_dir():
@@ -283,6 +297,10 @@ def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0):
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
         raise UserError(f"no .png/.jpg/.jpeg images under {data_dir}")
+    n_val = min(val_size, len(paths) // 10)
+    held_out = set(subset_indices(len(paths), n_val, seed + 1).tolist()) if n_val else set()
+    val_paths = [p for i, p in enumerate(paths) if i in held_out]
+    paths = [p for i, p in enumerate(paths) if i not in held_out]
     paths = [paths[i] for i in subset_indices(len(paths), subset, seed)]
 
     def decode(path):
@@ -294,21 +312,30 @@ def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0):
             raise UserError(f"cannot read image {path} ({e}); remove it or fix it") from None
 
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        images = list(tqdm(pool.map(decode, paths), total=len(paths), desc="decoding images",
-                           unit="img", leave=False, disable=len(paths) < 1000))
-    return np.stack(images)
+        images = list(tqdm(pool.map(decode, paths + val_paths), total=len(paths) + len(val_paths),
+                           desc="decoding images", unit="img", leave=False, disable=len(paths) < 1000))
+    return np.stack(images[:len(paths)]), (np.stack(images[len(paths):]) if val_paths else None)
 
 
 def load_dataset(cfg):
-    """The training set as one uint8 tensor (N, 3, S, S)."""
+    """The training and validation images as uint8 tensors (N, 3, S, S); validation is None when
+    there is none (--val_size 0, or no CIFAR-10 test batch)."""
     if cfg.dataset == "cifar10":
         if cfg.image_size != 32:
             raise UserError("CIFAR-10 images are 32x32: drop --image_size or use --dataset folder")
         images = load_cifar10_train(cfg.data_dir)
         images = images[subset_indices(len(images), cfg.train_subset, cfg.seed)]
+        val = None
+        test_batch = Path(cfg.data_dir) / "cifar-10-batches-py" / CIFAR10_TEST_BATCH
+        if cfg.val_size and test_batch.is_file():
+            val = read_cifar10_batches(test_batch.parent, [CIFAR10_TEST_BATCH])[:cfg.val_size]
+        elif cfg.val_size:
+            print(f"no {test_batch}: training without a validation loss")
     else:
-        images = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers, cfg.train_subset, cfg.seed)
-    return torch.from_numpy(np.ascontiguousarray(images))
+        images, val = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers, cfg.train_subset,
+                                        cfg.seed, cfg.val_size)
+    as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return as_tensor(images), as_tensor(val)
 
 
 def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0):
@@ -582,9 +609,13 @@ class GaussianDiffusion(nn.Module):
         """L_simple (Ho et al. Algorithm 1, eq. 14): the MSE between the noise and its prediction."""
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
+        return self.training_losses(model, x_start, t, noise).mean()
+
+    def training_losses(self, model, x_start, t, noise=None):
+        """The per-image L_simple terms, (B,): mean squared error of the noise prediction at t."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return F.mse_loss(model(self.q_sample(x_start, t, noise), t), noise)
+        return (model(self.q_sample(x_start, t, noise), t) - noise).square().mean(dim=(1, 2, 3))
 
     def respace(self, timesteps):
         """The Markov chain that visits only `timesteps` (increasing): betas recomputed from alpha_bar
@@ -835,14 +866,17 @@ class LRSchedule:
             self.restarts.load_state_dict(state)
 
 
-LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "session")
+# Training rows fill loss..images_per_s; the row written after each epoch's validation fills val_loss.
+LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
+                    "images_per_s", "elapsed_s", "session", "val_loss")
 
 
 class LossLog:
     """checkpoints/<run>/loss_log.csv, one row per log_every steps, flushed as it goes.
 
     On resume the rows after the checkpoint's step (written after the last save) are dropped, so
-    the log continues exactly from the checkpoint instead of repeating steps.
+    the log continues exactly from the checkpoint instead of repeating steps. loss_q0..q3 split the
+    loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it.
     """
 
     def __init__(self, path, resume_step=None):
@@ -855,12 +889,12 @@ class LossLog:
         self.writer = csv.DictWriter(self.file, fieldnames=LOSS_LOG_COLUMNS)
 
     def _rows_up_to(self, last_step):
-        """The complete rows with increasing steps up to last_step; a row torn by a crash is dropped."""
+        """The rows with steps in order up to last_step; a row torn by a crash is dropped."""
         rows, previous = [], 0
         with open(self.path, newline="") as f:
             for row in csv.DictReader(f):
-                complete = all(row.get(c) not in (None, "") for c in LOSS_LOG_COLUMNS)
-                if complete and row["step"].isdigit() and previous < int(row["step"]) <= last_step:
+                complete = all(row.get(c) not in (None, "") for c in ("step", "epoch", "elapsed_s", "session"))
+                if complete and row["step"].isdigit() and previous <= int(row["step"]) <= last_step:
                     rows.append(row)
                     previous = int(row["step"])
         return rows
@@ -874,7 +908,7 @@ class LossLog:
         os.replace(tmp, self.path)
 
     def write(self, **row):
-        self.writer.writerow(row)
+        self.writer.writerow({name: row.get(name, "") for name in LOSS_LOG_COLUMNS})
         self.file.flush()
 
     def close(self):
@@ -1058,13 +1092,15 @@ def refuse_existing_run(paths):
 
 
 def train_step(model, diffusion, x_start, optimizer, grad_clip):
-    """One optimizer update on L_simple; returns (loss, grad_norm) as device tensors (no host sync)."""
-    loss = diffusion.loss(model, x_start)
+    """One optimizer update on L_simple (Algorithm 1). Returns device tensors, so nothing waits for
+    the GPU: the grad norm, and the per-image losses (B,) with their timesteps t (B,)."""
+    t = torch.randint(0, diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
+    losses = diffusion.training_losses(model, x_start, t)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    losses.mean().backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
-    return loss.detach(), grad_norm.detach()
+    return grad_norm.detach(), losses.detach(), t
 
 
 @dataclass
@@ -1073,22 +1109,28 @@ class TrainState:
     elapsed_s: float = 0.0    # training wall time over all sessions
     session: int = 0          # 0 for the first launch, +1 for each resume
     num_images: int = 0
+    best_val_loss: float = math.inf
+    bad_epochs: int = 0       # epochs since the validation loss last improved (early stopping)
 
 
-def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch):
+def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch, name=None):
+    """Write the whole training state as `name` (default: the epoch checkpoint, which latest.pt
+    then points at, pruned to --keep_last)."""
     ckpt = dict(
         format="train_ddpm/1", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
         optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(),
         epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
         num_images=state.num_images, loss_log_step=state.step,
+        best_val_loss=state.best_val_loss, bad_epochs=state.bad_epochs,
         rng=dict(torch=torch.get_rng_state(),
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         torch_version=str(torch.__version__),
     )
-    path = paths.checkpoints / checkpoint_name(cfg.timesteps, epoch)
+    path = paths.checkpoints / (name or checkpoint_name(cfg.timesteps, epoch))
     atomic_torch_save(ckpt, path)
-    point_latest_at(path)
-    prune_checkpoints(paths.checkpoints, cfg.keep_last)
+    if name is None:
+        point_latest_at(path)
+        prune_checkpoints(paths.checkpoints, cfg.keep_last)
     return path
 
 
@@ -1104,24 +1146,29 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images)
     if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return TrainState(step=ckpt["step"], elapsed_s=ckpt["elapsed_s"], session=ckpt["session"] + 1,
-                      num_images=num_images)
+                      num_images=num_images, best_val_loss=ckpt.get("best_val_loss", math.inf),
+                      bad_epochs=ckpt.get("bad_epochs", 0))
 
 
 class Meter:
     """Sums the loss and gradient norm on the device between log rows, so the step never waits for
     the GPU; reads them back (.item()) only when a row is written. Also keeps the clocks."""
 
-    def __init__(self, device, step, elapsed_before):
-        self.device, self.elapsed_before = device, elapsed_before
+    def __init__(self, device, step, elapsed_before, num_timesteps):
+        self.device, self.elapsed_before, self.num_timesteps = device, elapsed_before, num_timesteps
         self.session_start, self.session_start_step = time.perf_counter(), step
         self._start_interval(step, self.session_start)
 
     def _start_interval(self, step, now):
-        self.loss_sum = self.grad_norm_sum = torch.zeros((), device=self.device)
+        # per timestep quartile: [loss sums (4), image counts (4)], then the grad-norm sum
+        self.sums = torch.zeros(9, device=self.device)
         self.interval_step, self.interval_start = step, now
 
-    def add(self, loss, grad_norm):
-        self.loss_sum, self.grad_norm_sum = self.loss_sum + loss, self.grad_norm_sum + grad_norm
+    def add(self, grad_norm, losses, t):
+        quartile = t * 4 // self.num_timesteps
+        self.sums.index_add_(0, quartile, losses.float())
+        self.sums.index_add_(0, quartile + 4, torch.ones_like(losses, dtype=torch.float32))
+        self.sums[8] += grad_norm
 
     def pause(self, seconds):
         """Leave time spent on previews and checkpoints out of images/s."""
@@ -1133,12 +1180,15 @@ class Meter:
 
     def row(self, step, lr, batch_size, steps_per_epoch, session):
         """A loss-log row averaging the steps since the previous row."""
-        loss_sum, grad_norm_sum = torch.stack([self.loss_sum, self.grad_norm_sum]).tolist()  # one sync
+        values = self.sums.tolist()  # the one host sync per log row
+        loss_sums, counts, grad_norm_sum = values[:4], values[4:8], values[8]
         now, n = time.perf_counter(), step - self.interval_step
-        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", loss=f"{loss_sum / n:.6f}",
+        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", loss=f"{sum(loss_sums) / sum(counts):.6f}",
                    lr=f"{lr:.6g}", grad_norm=f"{grad_norm_sum / n:.4f}",
                    images_per_s=f"{n * batch_size / (now - self.interval_start):.1f}",
                    elapsed_s=f"{self.elapsed():.1f}", session=session)
+        for q in range(4):
+            row[f"loss_q{q}"] = f"{loss_sums[q] / counts[q]:.6f}" if counts[q] else ""
         self._start_interval(step, now)
         return row
 
@@ -1146,6 +1196,27 @@ class Meter:
         rate = (step - self.session_start_step) / (time.perf_counter() - self.session_start)
         seconds = int((total_steps - step) / rate)
         return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Validator:
+    """The loss on held-out images at fixed timesteps (evenly covering [0, T), shuffled) and fixed
+    noise, so that its value is comparable from epoch to epoch."""
+
+    def __init__(self, images, num_timesteps, seed, batch_size):
+        g = torch.Generator().manual_seed(seed + 2)
+        n = len(images)
+        self.images, self.batch_size = images, batch_size
+        self.t = (torch.arange(n) * num_timesteps // n)[torch.randperm(n, generator=g)].to(images.device)
+        self.noise = torch.randn(images.shape, generator=g).to(images.device)
+
+    @torch.no_grad()
+    def loss(self, model, diffusion):
+        total = torch.zeros((), device=self.images.device)
+        for i in range(0, len(self.images), self.batch_size):
+            x_start = self.images[i:i + self.batch_size].float() / 127.5 - 1
+            total += diffusion.training_losses(model, x_start, self.t[i:i + self.batch_size],
+                                               self.noise[i:i + self.batch_size]).sum()
+        return total.item() / len(self.images)
 
 
 def write_preview(paths, ema_model, diffusion, noise, steps, epoch):
@@ -1163,7 +1234,8 @@ def train(cfg, resume_from=None):
     if resume_from is None:
         refuse_existing_run(paths)
     torch.manual_seed(cfg.seed)
-    images = load_dataset(cfg).to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
+    images, val_images = load_dataset(cfg)
+    images = images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
     n_batches = steps_per_epoch(len(images), cfg.batch_size)
     model = build_model(cfg).to(device)
     diffusion = build_diffusion(cfg).to(device)
@@ -1173,8 +1245,12 @@ def train(cfg, resume_from=None):
     state = TrainState(num_images=len(images))
     if resume_from is not None:
         state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, len(images))
+    validator = None
+    if val_images is not None:
+        validator = Validator(val_images.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
     print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images, "
-          f"{n_batches} steps per epoch | device {device}")
+          f"{n_batches} steps per epoch | {0 if val_images is None else len(val_images):,} validation images "
+          f"| device {device}")
     total_steps = cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
     if state.step >= total_steps:
         raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
@@ -1190,7 +1266,7 @@ def train(cfg, resume_from=None):
 
     model.train()
     last_saved = None
-    meter = Meter(device, state.step, state.elapsed_s)
+    meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps)
     for epoch in range(state.step // n_batches, cfg.epochs):
         start_batch = state.step - epoch * n_batches
         bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
@@ -1198,10 +1274,10 @@ def train(cfg, resume_from=None):
         for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch):
             # train
             lr = lr_schedule.set_step(state.step)
-            loss, grad_norm = train_step(model, diffusion, x_start, optimizer, cfg.grad_clip)
+            grad_norm, losses, t = train_step(model, diffusion, x_start, optimizer, cfg.grad_clip)
             ema.update(model, state.step)
             state.step += 1
-            meter.add(loss, grad_norm)
+            meter.add(grad_norm, losses, t)
             bar.update(1)
             # log
             if state.step % cfg.log_every == 0 or state.step == total_steps:
@@ -1213,6 +1289,20 @@ def train(cfg, resume_from=None):
                 break
         bar.close()
         finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
+        # validate
+        improved = False
+        if validator is not None:
+            val_loss = validator.loss(ema.model, diffusion)
+            log.write(step=state.step, epoch=f"{state.step / n_batches:.4f}", val_loss=f"{val_loss:.6f}",
+                      elapsed_s=f"{meter.elapsed():.1f}", session=state.session)
+            improved = val_loss < state.best_val_loss
+            state.best_val_loss = min(state.best_val_loss, val_loss)
+            state.bad_epochs = 0 if improved else state.bad_epochs + 1
+            tqdm.write(f"validation loss {val_loss:.5f} (EMA weights; best {state.best_val_loss:.5f})")
+            if cfg.early_stopping and state.bad_epochs >= cfg.patience:
+                tqdm.write(f"early stopping: no better validation loss for {state.bad_epochs} epochs; "
+                           f"the best weights are in best.pt")
+                finished = True
         # sample
         if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
             preview = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
@@ -1222,6 +1312,9 @@ def train(cfg, resume_from=None):
             state.elapsed_s = meter.elapsed()
             last_saved = save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done)
             tqdm.write(f"checkpoint: {last_saved}")
+        if improved:
+            state.elapsed_s = meter.elapsed()
+            save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done, "best.pt")
         meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
         if finished:
             break

@@ -37,7 +37,8 @@ STEPS_PER_EPOCH = 5 * IMAGES_PER_BATCH_FILE // 16
 TINY = ["--preset", "quick_test", "--train_subset", "0", "--batch_size", "16", "--log_every", "2",
         "--preview_steps", "5", "--num_preview", "4", "--base_channels", "16", "--timesteps", "20",
         "--beta_start", "0.005", "--beta_end", "0.999", "--warmup_steps", "2"]
-LOSS_LOG_HEADER = "step,epoch,loss,lr,grad_norm,images_per_s,elapsed_s,session"
+LOSS_LOG_HEADER = ("step,epoch,loss,loss_q0,loss_q1,loss_q2,loss_q3,lr,grad_norm,images_per_s,elapsed_s,"
+                   "session,val_loss")
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "rng", "config", "loss_log_step"}
 # No run may reach the internet: a refused proxy makes a CIFAR-10 download fail at once.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -723,3 +724,83 @@ def test_dpm_solver_sampling_from_the_cli_with_a_chosen_spacing(trained, tmp_pat
     assert_ok(result)
     (npz,) = (tmp_path / "samples" / RUN).glob("samples_dpmpp2m6_quadratic_seed0.npz")
     assert np.load(npz)["arr_0"].shape == (3, 32, 32, 3)
+
+
+# --- 11. Validation loss, quartile losses, best.pt and early stopping ------------------------------
+
+def write_test_batch(data_dir, n=16, seed=1):
+    rng = np.random.default_rng(seed)
+    batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [0] * n}
+    with open(data_dir / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump(batch, f)
+
+
+@pytest.fixture(scope="module")
+def cifar_with_test_split(tmp_path_factory):
+    data_dir = write_cifar_pickles(tmp_path_factory.mktemp("cifar_val"))
+    write_test_batch(data_dir)
+    return data_dir
+
+
+# A learning rate far below float32's resolution leaves the weights, and so the validation loss,
+# exactly unchanged: every epoch after the first is then "no improvement".
+FROZEN = ["--learning_rate", "1e-9", "--warmup_steps", "1000000000", "--min_lr", "0"]
+
+
+def test_validation_and_quartile_losses_are_logged_and_best_pt_is_kept(cifar_with_test_split, tmp_path):
+    result = run_cli(*TINY, "--epochs", "2", "--val_size", "16", "--data_dir", cifar_with_test_split, cwd=tmp_path)
+    assert_ok(result)
+    assert "16 validation images" in result.stdout
+    rows = read_loss_log(tmp_path / "checkpoints" / RUN / "loss_log.csv")
+    val_rows = [r for r in rows if r["val_loss"]]
+    train_rows = [r for r in rows if r["loss"]]
+    assert [int(r["step"]) for r in val_rows] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert all(float(r["val_loss"]) > 0 for r in val_rows)
+    for r in train_rows:  # the quartile losses average to the loss, weighted by their (unknown) counts
+        quartiles = [float(r[f"loss_q{q}"]) for q in range(4) if r[f"loss_q{q}"]]
+        assert min(quartiles) - 1e-6 <= float(r["loss"]) <= max(quartiles) + 1e-6
+    best = load_ckpt(tmp_path / "checkpoints" / RUN / "best.pt")
+    assert best["best_val_loss"] == min(float(r["val_loss"]) for r in val_rows) or \
+        abs(best["best_val_loss"] - min(float(r["val_loss"]) for r in val_rows)) < 1e-6
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(cifar_with_test_split, tmp_path):
+    result = run_cli(*TINY, *FROZEN, "--epochs", "6", "--val_size", "16", "--early_stopping", "--patience", "2",
+                     "--data_dir", cifar_with_test_split, cwd=tmp_path)
+    assert_ok(result)
+    assert "early stopping" in result.stdout
+    run_dir = tmp_path / "checkpoints" / RUN
+    assert load_ckpt(run_dir / "latest.pt")["step"] == 3 * STEPS_PER_EPOCH
+    assert not (run_dir / "ddpm_ts20_epoch0004.pt").exists()
+    assert load_ckpt(run_dir / "best.pt")["step"] == STEPS_PER_EPOCH  # the first epoch was the best
+
+
+def test_the_early_stopping_counter_survives_resume(cifar_with_test_split, tmp_path):
+    common = [*TINY, *FROZEN, "--val_size", "16", "--early_stopping", "--patience", "3",
+              "--data_dir", cifar_with_test_split]
+    assert_ok(run_cli(*common, "--epochs", "2", cwd=tmp_path))  # epoch 1 best, epoch 2: one bad epoch
+    assert load_ckpt(tmp_path / "checkpoints" / RUN / "latest.pt")["bad_epochs"] == 1
+    result = run_cli("--run_name", RUN, "--resume", "latest", "--epochs", "10", "--data_dir", cifar_with_test_split,
+                     cwd=tmp_path)
+    assert_ok(result)
+    assert "early stopping" in result.stdout
+    assert load_ckpt(tmp_path / "checkpoints" / RUN / "latest.pt")["step"] == 4 * STEPS_PER_EPOCH
+
+
+def test_early_stopping_without_validation_is_refused(tmp_path, cifar_dir):
+    result = run_cli(*TINY, "--val_size", "0", "--early_stopping", "--data_dir", cifar_dir, cwd=tmp_path)
+    assert_one_line_error(result, "--early_stopping", "--val_size")
+
+
+def test_a_folder_holds_out_a_tenth_at_most_for_validation(tmp_path):
+    import train_ddpm
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(30):
+        Image.fromarray(np.full((8, 8, 3), i * 8, np.uint8)).save(folder / f"{i:02d}.png")
+    train, val = train_ddpm.load_image_folder(folder, 8, 1, val_size=100, seed=0)
+    assert (len(train), len(val)) == (27, 3)
+    colours = {int(img[0, 0, 0]) for img in train} | {int(img[0, 0, 0]) for img in val}
+    assert len(colours) == 30, "train and validation images are disjoint and together all of them"
+    train_again, val_again = train_ddpm.load_image_folder(folder, 8, 1, val_size=100, seed=0)
+    assert np.array_equal(val, val_again), "the held-out images are the same every run"

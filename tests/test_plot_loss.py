@@ -95,3 +95,23 @@ def test_moving_average_is_a_trailing_mean():
     values = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     assert np.allclose(plot_loss.moving_average(values, 2), [1.0, 1.5, 2.5, 3.5, 4.5])
     assert np.allclose(plot_loss.moving_average(values, 1), values)
+
+
+def test_validation_and_quartile_panels_are_drawn_when_the_log_has_them(tmp_path):
+    columns = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
+               "images_per_s", "elapsed_s", "session", "val_loss")
+    with open(tmp_path / "loss_log.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for step in range(10, 410, 10):
+            loss = 0.05 + 0.5 * np.exp(-step / 100)
+            writer.writerow([step, step / 100, loss, 2 * loss, loss, loss / 2, loss / 3, 1e-4, 0.3, 90, step, 0, ""])
+            if step % 100 == 0:
+                writer.writerow([step, step / 100, "", "", "", "", "", "", "", "", step, 0, 0.1 + 1 / step])
+    result = run_plot(tmp_path, "--out", tmp_path / "p.png")
+    assert result.returncode == 0, result.stderr
+    assert "validation loss 0.1025 (best 0.1025)" in result.stdout
+    assert "final loss" in result.stdout and "step 400" in result.stdout
+    from PIL import Image
+    with Image.open(tmp_path / "p.png") as img:
+        assert img.size[1] > 1000, "three panels stacked"
