@@ -20,15 +20,19 @@ import argparse
 import copy
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -919,14 +923,14 @@ def checkpoint_name(timesteps, epoch):
     return f"ddpm_ts{timesteps}_epoch{epoch:04d}.pt"
 
 
-def atomic_torch_save(obj, path):
-    """Write to a temp file in the same folder, fsync, then rename: a crash leaves the old file or
-    the new one, never a partial one."""
+def atomic_write(path, write):
+    """Call write(f) on a temp file in the same folder, fsync, then rename: a crash leaves the old
+    file or the new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -935,14 +939,12 @@ def atomic_torch_save(obj, path):
     _fsync_dir(path.parent)
 
 
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def atomic_write_text(text, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _fsync_dir(folder):
@@ -1056,6 +1058,246 @@ def resolve_checkpoint_path(path):
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
     return path
+
+
+# --- FID and KID: Inception pool3 features, Frechet distance, kernel distance ----------------------
+# FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) on the 2048-d pool3 features of the
+# TensorFlow Inception-v3 of 2015-12-05, as ported by pytorch-fid (the network every published
+# CIFAR-10 FID uses). Images enter as uint8 (N, H, W, 3), the layout to_uint8 returns; the network
+# sees float (B, 3, H, W) in [0, 1], resized bilinearly to 299 inside, as in pytorch-fid.
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")  # pytorch_fid.inception.FID_WEIGHTS_URL
+FID_EXTRACTOR_NAME = "pt_inception-2015-12-05"  # part of every reference-statistics cache name
+
+
+class InceptionPool3(nn.Module):
+    """(B, 3, H, W) float in [0, 1] -> (B, 2048) pool3 features: pytorch-fid's
+    InceptionV3([3], resize_input=True, normalize_input=True) forward, blocks in the same order."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, nn.MaxPool2d(kernel_size=3, stride=2),
+            net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2),
+            net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
+            net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1)))
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.blocks(2 * x - 1).flatten(1)  # [0, 1] -> [-1, 1], as the TF graph expects
+
+
+def load_fid_weights(weights_path=None):
+    """The FID Inception state dict from weights_path, or pytorch-fid's release file (downloaded
+    once into torch's hub cache, exactly as pytorch-fid does) when weights_path is None."""
+    if weights_path is None:
+        try:
+            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True, map_location="cpu")
+        except Exception as e:  # URLError, HTTPError, SSL and proxy errors alike
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"could not download the FID Inception weights ({reason}); get {FID_WEIGHTS_URL} "
+                            f"and pass its path with --fid_weights PATH") from None
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UserError(f"--fid_weights {path} is not a file; point it at pt_inception-2015-12-05-6726825d.pth")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--fid_weights {path} is not a readable PyTorch state dict ({e})") from None
+
+
+def build_fid_inception(weights_path=None, device="cpu"):
+    """pytorch-fid's FID Inception (its fid_inception_v3 architecture) with weights from a local
+    file or the default download, in eval mode, as an InceptionPool3 on device."""
+    import torchvision
+    try:
+        from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    except ImportError:
+        raise UserError("FID needs pytorch-fid, the standard PyTorch port of the TF FID Inception: "
+                        "pip install pytorch-fid") from None
+    # As pytorch_fid.inception.fid_inception_v3, which we cannot call: it always downloads.
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    try:
+        net.load_state_dict(load_fid_weights(weights_path))
+    except (RuntimeError, TypeError) as e:  # other keys or shapes; not a dict at all
+        first = str(e).splitlines()[0]
+        raise UserError(f"{weights_path or FID_WEIGHTS_URL} does not hold the pytorch-fid Inception weights "
+                        f"({first})") from None
+    extractor = InceptionPool3(net).to(device).eval()
+    extractor.requires_grad_(False)
+    return extractor
+
+
+@torch.no_grad()
+def compute_activations(images, extractor, batch_size=100, device="cpu", progress=True):
+    """Features of uint8 images (N, H, W, 3) (numpy or torch) as float32 numpy (N, D).
+
+    extractor maps float (B, 3, H, W) in [0, 1] to (B, D); it runs in eval mode, without gradients.
+    """
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    was_training = extractor.training
+    extractor.eval()
+    features = []
+    with tqdm(total=len(images), desc="inception features", unit="img", leave=False, disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+            features.append(extractor(x).reshape(len(x), -1).float().cpu())
+            bar.update(len(x))
+    extractor.train(was_training)
+    return torch.cat(features).numpy()
+
+
+def activation_statistics(activations):
+    """Mean and covariance (float64; unbiased, as np.cov and pytorch-fid) of (N, D) activations."""
+    activations = np.asarray(activations)
+    if activations.ndim != 2 or len(activations) < 2:
+        raise ValueError(f"need at least 2 activations (N, D) for a covariance, got {activations.shape}")
+    return activations.mean(axis=0, dtype=np.float64), np.cov(activations, rowvar=False, dtype=np.float64)
+
+
+def _psd_sqrt(matrix):
+    """Symmetric square root of a symmetric PSD matrix; eigenvalues below zero (rounding) count as 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Heusel et al. 2017 eq. 6: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
+    symmetric PSD matrix similar to S1 S2: exact for singular covariances (fewer samples than
+    dimensions) where scipy.linalg.sqrtm, which pytorch-fid uses, can return complex noise.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if not (mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}")
+    sqrt_sigma1 = _psd_sqrt(sigma1)
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def polynomial_mmd2(x, y):
+    """Binkowski et al. 2018: unbiased MMD^2 of two equal-size sets (m, d) under the kernel
+    k(a, b) = (a.b / d + 1)^3; the diagonal of k(x, x) and k(y, y) is left out, that of k(x, y) is not."""
+    m, d = x.shape
+    k_xx = (x @ x.T / d + 1) ** 3
+    k_yy = (y @ y.T / d + 1) ** 3
+    k_xy = (x @ y.T / d + 1) ** 3
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(features1, features2, subsets=100, subset_size=1000, seed=2020):
+    """KID: mean and std over `subsets` random subsets (without replacement) of polynomial_mmd2, as
+    torch-fidelity computes it (same defaults and draw order, so the same subsets for the same seed).
+    Unlike torch-fidelity, a subset_size above either set's size shrinks to it, as clean-fid does.
+    Unbiased, so two sets from one distribution can score slightly below zero."""
+    features1, features2 = np.asarray(features1), np.asarray(features2)
+    m = min(subset_size, len(features1), len(features2))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features in each set, got {len(features1)} and {len(features2)}")
+    rng = np.random.RandomState(seed)
+    mmds = np.empty(subsets)
+    for i in range(subsets):
+        x = features1[rng.choice(len(features1), m, replace=False)].astype(np.float64)
+        y = features2[rng.choice(len(features2), m, replace=False)].astype(np.float64)
+        mmds[i] = polynomial_mmd2(x, y)
+    return float(mmds.mean()), float(mmds.std())
+
+
+# Reference statistics of a training set cost one Inception pass over it (about 75 minutes for
+# CIFAR-10's 50,000 images on a laptop CPU), so they are computed once and cached.
+
+class ReferenceStats(NamedTuple):
+    mu: np.ndarray          # (D,) float64
+    sigma: np.ndarray       # (D, D) float64
+    n: int                  # number of images the statistics are over
+    features: np.ndarray    # (K, D) float32: a fixed random K of the N activations, for KID
+
+
+def reference_cache_name(dataset_name, n, extractor_name=FID_EXTRACTOR_NAME):
+    """e.g. fid_stats_cifar10-train_n50000_pt_inception-2015-12-05.npz"""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{dataset_name}")
+    return f"fid_stats_{safe}_n{n}_{extractor_name}.npz"
+
+
+def images_fingerprint(images):
+    """A short hash of the images' shape and pixels: a cache made for other images never matches."""
+    pixels = np.ascontiguousarray(images.cpu().numpy() if torch.is_tensor(images) else images)
+    digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=8)
+    digest.update(memoryview(pixels).cast("B"))
+    return digest.hexdigest()
+
+
+def load_statistics(path):
+    """mu and sigma from an .npz with keys mu and sigma (ours, or pytorch-fid --save-stats)."""
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not an FID statistics .npz with arrays mu and sigma ({e})") from None
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    return mu, sigma
+
+
+def _read_reference_cache(path, n, fingerprint, num_features):
+    """The cached ReferenceStats if path holds them for these images, else None."""
+    try:
+        with np.load(path) as f:
+            if int(f["n"]) != n or str(f["fingerprint"]) != fingerprint or len(f["features"]) < num_features:
+                return None
+            return ReferenceStats(f["mu"], f["sigma"], n, f["features"][:num_features])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def reference_statistics(images, extractor, cache_path, batch_size=100, device="cpu", kid_features=10_000,
+                         progress=True):
+    """ReferenceStats of uint8 images (N, H, W, 3), read from cache_path when it holds them for
+    these very images (same pixels, same N), else computed and saved there atomically.
+
+    Keeps a fixed random min(kid_features, N) of the activations for KID (10,000 x 2048 float32
+    is 80 MB on disk); sigma is 32 MB at D = 2048.
+    """
+    n, fingerprint = len(images), images_fingerprint(images)
+    num_features = min(kid_features, n)
+    cached = _read_reference_cache(cache_path, n, fingerprint, num_features)
+    if cached is not None:
+        return cached
+    activations = compute_activations(images, extractor, batch_size, device, progress)
+    mu, sigma = activation_statistics(activations)
+    keep = np.sort(np.random.default_rng(0).choice(n, num_features, replace=False))
+    stats = ReferenceStats(mu, sigma, n, activations[keep])
+    Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(n),
+                                                fingerprint=np.str_(fingerprint), features=stats.features))
+    return stats
+
+
+def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subsets=100, progress=True):
+    """FID and KID (mean, std) of uint8 images (N, H, W, 3) against ReferenceStats. KID subsets hold
+    min(1000, N, K) features, so KID over fewer than 1000 images is noisier, not invalid."""
+    activations = compute_activations(images, extractor, batch_size, device, progress)
+    fid = frechet_distance(*activation_statistics(activations), reference.mu, reference.sigma)
+    kid, kid_std = kernel_inception_distance(activations, reference.features, subsets=kid_subsets)
+    return {"fid": fid, "kid": kid, "kid_std": kid_std}
 
 
 # --- Training loop --------------------------------------------------------------------------------
@@ -1352,6 +1594,7 @@ def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, st
 
 def run_sample(args):
     from PIL import Image
+    args.num_samples = 64 if args.num_samples is None else args.num_samples
     if args.num_samples < 1:
         raise UserError("--num_samples must be at least 1")
     if args.eta < 0:
@@ -1384,6 +1627,94 @@ def run_sample(args):
     grid = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_grid(grid, out / f"{stem}_grid.png")
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
+
+
+# --- Evaluation: FID of a checkpoint's samples ------------------------------------------------------
+
+FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "eta", "source",
+                   "reference", "reference_n", "fid", "kid", "kid_std")
+
+
+def reference_images(cfg, data_dir):
+    """The whole training set of a run's dataset as uint8 (N, H, W, 3), and its name for the cache."""
+    if cfg.dataset == "cifar10":
+        return load_cifar10_train(data_dir).transpose(0, 2, 3, 1), "cifar10-train"
+    images, _ = load_image_folder(data_dir, cfg.image_size, cfg.num_workers)
+    return images.transpose(0, 2, 3, 1), f"folder-{Path(data_dir).resolve().name}"
+
+
+def evaluate_fid(images, reference, reference_name, extractor, cache_dir, log_path, info, device="cpu",
+                 batch_size=200):
+    """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
+    are cached in cache_dir (keyed by name and size); appends a row to log_path. Returns the scores."""
+    cache = Path(cache_dir) / reference_cache_name(reference_name, len(reference))
+    stats = reference_statistics(reference, extractor, cache, batch_size, device)
+    scores = fid_kid(images, stats, extractor, batch_size, device)
+    row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
+               reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
+               kid_std=f"{scores['kid_std']:.6f}")
+    new_file = not Path(log_path).exists()
+    with open(log_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FID_LOG_COLUMNS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+    return dict(scores, reference_n=stats.n)
+
+
+def load_npz_images(path):
+    path = Path(path)
+    try:
+        with np.load(path) as f:
+            images = f["arr_0"] if "arr_0" in f else f[f.files[0]]
+    except Exception as e:
+        raise UserError(f"--eval_npz {path} is not a readable .npz of images ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"--eval_npz {path} must hold uint8 images (N, H, W, 3), not {images.dtype} {images.shape}")
+    return images
+
+
+def run_eval(args):
+    """--mode eval: FID and KID of a checkpoint's samples (or of --eval_npz) against its training set."""
+    if not args.checkpoint and not args.eval_npz:
+        raise UserError("--mode eval needs --checkpoint PATH (to generate samples) or --eval_npz FILE")
+    num_samples = args.num_samples or 10_000
+    if num_samples < 2:
+        raise UserError("--num_samples must be at least 2 for FID")
+    device = pick_device(args.device or "auto")
+    if args.checkpoint:
+        path = resolve_checkpoint_path(args.checkpoint)
+        ckpt = read_checkpoint(path)
+        cfg, run_dir, step = config_from_dict(ckpt["config"]), path.parent, ckpt["step"]
+    else:
+        path, step = None, ""
+        cfg = Config(**{k: getattr(args, k) for k in ("dataset", "image_size") if getattr(args, k) is not None})
+        run_dir = Path(args.eval_npz).parent
+    extractor = build_fid_inception(args.fid_weights, device)  # fails fast when pytorch-fid is missing
+    steps = args.sampling_steps or cfg.timesteps
+    if args.eval_npz:
+        images = load_npz_images(args.eval_npz)
+        info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
+    else:
+        if not 1 <= steps <= cfg.timesteps:
+            raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
+        model, diffusion, cfg = load_checkpoint(path, use_ema=not args.no_ema, device=device)
+        seed = cfg.seed if args.seed is None else args.seed
+        images = generate_samples(model, diffusion, cfg, num_samples, args.batch_size or 128, args.sampler, steps,
+                                  args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing)
+        info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
+                    spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler],
+                    source="ema" if not args.no_ema else "raw weights")
+    reference, name = reference_images(cfg, args.data_dir or cfg.data_dir)
+    scores = evaluate_fid(images, reference, name, extractor, run_dir.parent / "fid_stats", run_dir / "fid_log.csv",
+                          info, device)
+    how = f"{info['sampler']} {info['steps']} steps" if "sampler" in info else f"from {args.eval_npz}"
+    print(f"FID {scores['fid']:.2f}  KID {scores['kid'] * 1e3:.2f} +- {scores['kid_std'] * 1e3:.2f} (x1e-3)  |  "
+          f"FID@{len(images):,}: {len(images):,} samples ({how}) vs {name} ({scores['reference_n']:,} images)"
+          f"{f', checkpoint step {step:,}' if step != '' else ''}")
+    if len(images) < 50_000:
+        print(f"note: FID falls as N grows; compare only FIDs with the same N (published CIFAR-10 FIDs, such as "
+              f"the paper's 3.17, use N=50,000). Logged to {run_dir / 'fid_log.csv'}")
 
 
 # --- CLI: parser, interactive menu, main() ----------------------------------------------------------
@@ -1428,7 +1759,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser():
     parser = OneLineErrorParser(prog="train_ddpm.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--mode", choices=("train", "sample"), default="train")
+    parser.add_argument("--mode", choices=("train", "sample", "eval"), default="train",
+                        help="train a model, sample images from a checkpoint, or eval: FID and KID of its samples")
     parser.add_argument("--resume", metavar="latest|PATH",
                         help="continue a run: 'latest' (newest checkpoint of --run_name) or a checkpoint path")
     train = parser.add_argument_group("training (default: the preset's value; flags win over presets)")
@@ -1447,7 +1779,7 @@ def build_parser():
                                type=_typed(field_parser(f), f.name), help=help_text)
     sample = parser.add_argument_group("sampling (--mode sample)")
     sample.add_argument("--checkpoint", help="checkpoint file, or a run folder meaning its newest checkpoint")
-    sample.add_argument("--num_samples", type=int, default=64)
+    sample.add_argument("--num_samples", type=int, default=None, help="images to generate (sample: 64, eval: 10000)")
     sample.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm",
                         help="ddpm: ancestral (Ho et al.); ddim: Song et al.; dpmpp2m: DPM-Solver++(2M), 10-50 steps")
     sample.add_argument("--sampling_steps", type=int, default=None, help="K <= T evenly strided steps (default T)")
@@ -1458,6 +1790,12 @@ def build_parser():
                         help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")
     sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     sample.add_argument("--out", help="output folder (default samples/<run>/)")
+    evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
+    evaluate.add_argument("--fid_weights", metavar="PATH",
+                          help="local FID Inception weights (pytorch-fid's pt_inception-2015-12-05 file); "
+                               "default: download them once")
+    evaluate.add_argument("--eval_npz", metavar="FILE", help="score the uint8 (N, H, W, 3) images in this .npz "
+                                                             "instead of generating")
     return parser
 
 
@@ -1592,6 +1930,8 @@ def main(argv=None):
             if not args.checkpoint:
                 raise UserError("--mode sample needs --checkpoint PATH (a .pt file or a run folder)")
             run_sample(args)
+        elif args.mode == "eval":
+            run_eval(args)
         else:
             cfg, ckpt = resolve_train_config(args)
             print_config(cfg)
