@@ -7,6 +7,7 @@ tests that change a run work on a copy of it.
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
 import pickle
@@ -804,3 +805,25 @@ def test_a_folder_holds_out_a_tenth_at_most_for_validation(tmp_path):
     assert len(colours) == 30, "train and validation images are disjoint and together all of them"
     train_again, val_again = train_ddpm.load_image_folder(folder, 8, 1, val_size=100, seed=0)
     assert np.array_equal(val, val_again), "the held-out images are the same every run"
+
+
+# --- 12. FID of a checkpoint (needs pytorch-fid and the Inception weights in ../shared) ---------------
+
+FID_WEIGHTS = REPO.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zeroed.pth"
+
+
+@pytest.mark.skipif(not FID_WEIGHTS.is_file() or importlib.util.find_spec("pytorch_fid") is None,
+                    reason="needs pytorch-fid and ../shared/fid weights")
+def test_eval_reports_and_logs_fid_with_its_sample_count_and_caches_the_reference(trained, cifar_dir, tmp_path):
+    run = copy_run(trained, tmp_path)
+    args = ["--mode", "eval", "--checkpoint", run, "--num_samples", "6", "--sampler", "dpmpp2m",
+            "--sampling_steps", "3", "--fid_weights", FID_WEIGHTS, "--data_dir", cifar_dir]
+    first = run_cli(*args, cwd=tmp_path)
+    assert_ok(first)
+    assert re.search(r"FID \d+\.\d+ .*FID@6: 6 samples \(dpmpp2m 3 steps\) vs cifar10-train \(80 images\)", first.stdout)
+    cache = tmp_path / "checkpoints" / "fid_stats" / "fid_stats_cifar10-train_n80_pt_inception-2015-12-05.npz"
+    mtime = cache.stat().st_mtime_ns
+    assert_ok(run_cli(*args, cwd=tmp_path))
+    assert cache.stat().st_mtime_ns == mtime, "the reference statistics were read from the cache"
+    rows = read_loss_log(run / "fid_log.csv")
+    assert [(r["num_samples"], r["reference_n"], r["sampler"], r["steps"]) for r in rows] == [("6", "80", "dpmpp2m", "3")] * 2
