@@ -133,7 +133,7 @@ QUARTILES = ("loss_q0", "loss_q1", "loss_q2", "loss_q3")
 def plot(log, out, smooth_window, title):
     train = rows_with(log, "loss")
     has_quartiles = all(q in log for q in QUARTILES) and not np.isnan(log["loss_q0"]).all()
-    has_val = "val_loss" in log and not np.isnan(log["val_loss"]).all()
+    has_val = any(name in log and not np.isnan(log[name]).all() for name in ("val_loss", "fid"))
     extra = has_quartiles + has_val
     fig, axes = plt.subplots(1 + extra, 1, figsize=(11, 5.5 + 2.8 * extra), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [2] + [1] * extra})
@@ -144,7 +144,7 @@ def plot(log, out, smooth_window, title):
         plot_quartiles(axes[row, 0], train, smooth_window)
         row += 1
     if has_val:
-        plot_validation(axes[row, 0], rows_with(log, "val_loss"))
+        plot_evaluations(axes[row, 0], log)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -163,15 +163,23 @@ def plot_quartiles(ax, train, smooth_window):
     ax.legend(fontsize=8, ncol=4, loc="upper right")
 
 
-def plot_validation(ax, val):
-    ax.plot(val["step"], val["val_loss"], marker="o", markersize=3, color="tab:purple",
-            label="validation loss (EMA weights, fixed t and noise)")
-    best = np.argmin(val["val_loss"])
-    ax.plot(val["step"][best], val["val_loss"][best], marker="*", markersize=12, color="tab:red", linestyle="none",
-            label=f"best {val['val_loss'][best]:.4f} at step {int(val['step'][best]):,}")
-    ax.set_ylabel("validation loss")
+def plot_evaluations(ax, log):
+    """The validation loss and, on a second axis, FID, each with its best point starred."""
+    axes = [("val_loss", "validation loss (EMA, fixed t and noise)", "tab:purple", ax)]
+    if "fid" in log and not np.isnan(log["fid"]).all():
+        fid_ax = ax.twinx() if "val_loss" in log and not np.isnan(log["val_loss"]).all() else ax
+        axes.append(("fid", "FID (training-time samples)", "tab:green", fid_ax))
+    for name, label, colour, axis in axes:
+        rows = rows_with(log, name) if name in log else None
+        if rows is None or not len(rows[name]):
+            continue
+        axis.plot(rows["step"], rows[name], marker="o", markersize=3, color=colour, label=label)
+        best = np.argmin(rows[name])
+        axis.plot(rows["step"][best], rows[name][best], marker="*", markersize=12, color=colour, linestyle="none",
+                  label=f"best {rows[name][best]:.4g} at step {int(rows['step'][best]):,}")
+        axis.set_ylabel(name.replace("_", " "), color=colour)
+        axis.legend(fontsize=8, loc="upper right" if axis is ax else "upper center")
     ax.grid(True, alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
 
 
 def plot_loss_and_lr(ax, log, smooth_window):
@@ -241,9 +249,10 @@ def main(argv=None):
     train = rows_with(log, "loss")
     verdict, detail = plateau_diagnostic(train["loss"])
     print(f"final loss {train['loss'][-1]:.4f} at step {int(train['step'][-1]):,}")
-    if "val_loss" in log and not np.isnan(log["val_loss"]).all():
-        val = rows_with(log, "val_loss")
-        print(f"validation loss {val['val_loss'][-1]:.4f} (best {val['val_loss'].min():.4f})")
+    for name, label in (("val_loss", "validation loss"), ("fid", "FID")):
+        if name in log and not np.isnan(log[name]).all():
+            values = rows_with(log, name)[name]
+            print(f"{label} {values[-1]:.4f} (best {values.min():.4f})")
     print(f"plateau check: {verdict} ({detail})")
     print(f"wrote {out}")
     return 0

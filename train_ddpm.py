@@ -107,8 +107,15 @@ class Config:
     preview_steps: int = _field(50, "DDIM steps used for previews")
     save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)")
     keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)")
-    early_stopping: bool = _field(False, "stop when the validation loss has not improved for --patience epochs")
-    patience: int = _field(10, "epochs without a better validation loss before early stopping")
+    early_stopping: bool = _field(False, "stop when the validation loss (or FID, with --fid_every) has not "
+                                         "improved for --patience evaluations")
+    patience: int = _field(10, "evaluations without improvement before early stopping")
+    fid_every: int = _field(0, "compute FID every this many epochs with 20-step DPM-Solver++ (0 = never; "
+                               "needs pip install pytorch-fid)")
+    fid_samples: int = _field(10_000, "samples per FID during training")
+    fid_weights: str = _field("", "local FID Inception weights (pytorch-fid's pt_inception-2015-12-05 file); "
+                                  "empty: download them once")
+    tensorboard: bool = _field(False, "also log scalars and preview grids to TensorBoard (pip install tensorboard)")
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -117,7 +124,8 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # a different run (architecture, schedule, optimisation, data order).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "num_workers", "data_dir", "log_every",
                      "sample_every", "num_preview", "preview_steps", "save_every", "keep_last",
-                     "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience")
+                     "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
+                     "tensorboard")
 
 # Presets hold overrides of Config only, so a typo in a key fails at import (Config(**preset)).
 PRESETS = {
@@ -206,7 +214,10 @@ def validate_config(cfg):
         (cfg.train_subset >= 0, "--train_subset must be >= 0 (0 = all images)"),
         (cfg.val_size >= 0, "--val_size must be >= 0 (0 = no validation)"),
         (cfg.patience >= 1, "--patience must be at least 1 epoch"),
-        (not (cfg.early_stopping and cfg.val_size == 0), "--early_stopping needs a validation set: --val_size > 0"),
+        (not (cfg.early_stopping and cfg.val_size == 0 and cfg.fid_every == 0),
+         "--early_stopping needs something to watch: --val_size > 0 or --fid_every > 0"),
+        (cfg.fid_every >= 0, "--fid_every must be >= 0 (0 = no FID during training)"),
+        (cfg.fid_samples >= 2, "--fid_samples must be at least 2"),
         (cfg.log_every >= 1, "--log_every must be at least 1"),
         (cfg.sample_every >= 0, "--sample_every must be >= 0 (0 = no previews)"),
         (cfg.num_preview >= 1, "--num_preview must be at least 1"),
@@ -870,9 +881,10 @@ class LRSchedule:
             self.restarts.load_state_dict(state)
 
 
-# Training rows fill loss..images_per_s; the row written after each epoch's validation fills val_loss.
+# Training rows fill loss..images_per_s; the row written after each epoch's evaluation fills val_loss
+# (and fid, on --fid_every epochs).
 LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
-                    "images_per_s", "elapsed_s", "session", "val_loss")
+                    "images_per_s", "elapsed_s", "session", "val_loss", "fid")
 
 
 class LossLog:
@@ -1351,8 +1363,8 @@ class TrainState:
     elapsed_s: float = 0.0    # training wall time over all sessions
     session: int = 0          # 0 for the first launch, +1 for each resume
     num_images: int = 0
-    best_val_loss: float = math.inf
-    bad_epochs: int = 0       # epochs since the validation loss last improved (early stopping)
+    best_metric: float = math.inf  # lowest validation loss (or FID) so far: best.pt holds its weights
+    bad_epochs: int = 0            # evaluations since it last improved (early stopping)
 
 
 def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch, name=None):
@@ -1363,7 +1375,7 @@ def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, sta
         optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(),
         epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
         num_images=state.num_images, loss_log_step=state.step,
-        best_val_loss=state.best_val_loss, bad_epochs=state.bad_epochs,
+        best_metric=state.best_metric, bad_epochs=state.bad_epochs,
         rng=dict(torch=torch.get_rng_state(),
                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         torch_version=str(torch.__version__),
@@ -1388,7 +1400,7 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images)
     if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return TrainState(step=ckpt["step"], elapsed_s=ckpt["elapsed_s"], session=ckpt["session"] + 1,
-                      num_images=num_images, best_val_loss=ckpt.get("best_val_loss", math.inf),
+                      num_images=num_images, best_metric=ckpt.get("best_metric", math.inf),
                       bad_epochs=ckpt.get("bad_epochs", 0))
 
 
@@ -1462,10 +1474,63 @@ class Validator:
 
 
 def write_preview(paths, ema_model, diffusion, noise, steps, epoch):
+    """A grid of DDIM samples from the fixed preview noise: (its PNG path, the images in [-1, 1])."""
     images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise)
     path = paths.samples / f"epoch_{epoch:04d}.png"
     save_grid(images, path)
-    return path
+    return path, images
+
+
+class FidDuringTraining:
+    """FID of the EMA model every --fid_every epochs: --fid_samples images from 20-step DPM-Solver++,
+    against the whole training set (statistics cached beside the runs), logged to fid_log.csv."""
+
+    STEPS = 20
+
+    def __init__(self, cfg, paths, device):
+        self.cfg, self.paths, self.device = cfg, paths, device
+        self.extractor = build_fid_inception(cfg.fid_weights or None, device)
+        self.reference, self.reference_name = reference_images(cfg, cfg.data_dir)
+
+    def __call__(self, ema_model, diffusion, step):
+        steps = min(self.STEPS, self.cfg.timesteps)
+        images = generate_samples(ema_model, diffusion, self.cfg, self.cfg.fid_samples, self.cfg.batch_size,
+                                  "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed)
+        info = dict(checkpoint="(training)", step=step, sampler="dpmpp2m", steps=steps, eta=0.0,
+                    spacing=DEFAULT_SPACING["dpmpp2m"], source="ema")
+        scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
+                              self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
+                              info, self.device)
+        return scores["fid"]
+
+
+class Board:
+    """TensorBoard logging when --tensorboard (and the tensorboard package) is there; else nothing."""
+
+    def __init__(self, folder=None):
+        self.writer = None
+        if folder is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, prefix, values, step):
+        if self.writer is not None:
+            for name, value in values.items():
+                if name not in ("step", "epoch", "session") and value not in ("", None):
+                    self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+
+    def image(self, name, images, step):
+        if self.writer is not None:
+            import torchvision
+            grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(10, len(images)))
+            self.writer.add_image(name, grid, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def train(cfg, resume_from=None):
@@ -1498,6 +1563,9 @@ def train(cfg, resume_from=None):
         raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
                         f"raise --epochs or --max_steps to train further")
 
+    # Optional packages fail here, before anything is written.
+    fid_during_training = FidDuringTraining(cfg, paths, device) if cfg.fid_every else None
+    board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard else None)
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
     paths.samples.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
@@ -1525,29 +1593,38 @@ def train(cfg, resume_from=None):
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 row = meter.row(state.step, lr, cfg.batch_size, n_batches, state.session)
                 log.write(**row)
+                board.scalars("train", row, state.step)
                 bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
                                 eta_total=meter.eta(state.step, total_steps))
             if state.step >= total_steps:
                 break
         bar.close()
         finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
-        # validate
-        improved = False
+        # evaluate
+        metrics = {}
         if validator is not None:
-            val_loss = validator.loss(ema.model, diffusion)
-            log.write(step=state.step, epoch=f"{state.step / n_batches:.4f}", val_loss=f"{val_loss:.6f}",
-                      elapsed_s=f"{meter.elapsed():.1f}", session=state.session)
-            improved = val_loss < state.best_val_loss
-            state.best_val_loss = min(state.best_val_loss, val_loss)
-            state.bad_epochs = 0 if improved else state.bad_epochs + 1
-            tqdm.write(f"validation loss {val_loss:.5f} (EMA weights; best {state.best_val_loss:.5f})")
-            if cfg.early_stopping and state.bad_epochs >= cfg.patience:
-                tqdm.write(f"early stopping: no better validation loss for {state.bad_epochs} epochs; "
-                           f"the best weights are in best.pt")
-                finished = True
+            metrics["val_loss"] = validator.loss(ema.model, diffusion)
+        if fid_during_training is not None and (epoch_done % cfg.fid_every == 0 or finished):
+            metrics["fid"] = fid_during_training(ema.model, diffusion, state.step)
+        improved = False
+        if metrics:
+            log.write(step=state.step, epoch=f"{state.step / n_batches:.4f}", elapsed_s=f"{meter.elapsed():.1f}",
+                      session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
+            board.scalars("eval", metrics, state.step)
+            tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
+            monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
+            if monitored is not None:
+                improved = monitored < state.best_metric
+                state.best_metric = min(state.best_metric, monitored)
+                state.bad_epochs = 0 if improved else state.bad_epochs + 1
+                if cfg.early_stopping and state.bad_epochs >= cfg.patience:
+                    tqdm.write(f"early stopping: no better {'FID' if cfg.fid_every else 'validation loss'} for "
+                               f"{state.bad_epochs} evaluations; the best weights are in best.pt")
+                    finished = True
         # sample
         if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
-            preview = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
+            preview, grid = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
+            board.image("preview", grid, state.step)
             tqdm.write(f"preview: {preview}")
         # save
         if epoch_done % cfg.save_every == 0 or finished:
@@ -1561,6 +1638,7 @@ def train(cfg, resume_from=None):
         if finished:
             break
     log.close()
+    board.close()
     return last_saved
 
 
@@ -1690,7 +1768,7 @@ def run_eval(args):
         path, step = None, ""
         cfg = Config(**{k: getattr(args, k) for k in ("dataset", "image_size") if getattr(args, k) is not None})
         run_dir = Path(args.eval_npz).parent
-    extractor = build_fid_inception(args.fid_weights, device)  # fails fast when pytorch-fid is missing
+    extractor = build_fid_inception(args.fid_weights or None, device)  # fails fast without pytorch-fid
     steps = args.sampling_steps or cfg.timesteps
     if args.eval_npz:
         images = load_npz_images(args.eval_npz)
@@ -1791,9 +1869,6 @@ def build_parser():
     sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     sample.add_argument("--out", help="output folder (default samples/<run>/)")
     evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
-    evaluate.add_argument("--fid_weights", metavar="PATH",
-                          help="local FID Inception weights (pytorch-fid's pt_inception-2015-12-05 file); "
-                               "default: download them once")
     evaluate.add_argument("--eval_npz", metavar="FILE", help="score the uint8 (N, H, W, 3) images in this .npz "
                                                              "instead of generating")
     return parser

@@ -39,7 +39,7 @@ TINY = ["--preset", "quick_test", "--train_subset", "0", "--batch_size", "16", "
         "--preview_steps", "5", "--num_preview", "4", "--base_channels", "16", "--timesteps", "20",
         "--beta_start", "0.005", "--beta_end", "0.999", "--warmup_steps", "2"]
 LOSS_LOG_HEADER = ("step,epoch,loss,loss_q0,loss_q1,loss_q2,loss_q3,lr,grad_norm,images_per_s,elapsed_s,"
-                   "session,val_loss")
+                   "session,val_loss,fid")
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "epoch", "step", "rng", "config", "loss_log_step"}
 # No run may reach the internet: a refused proxy makes a CIFAR-10 download fail at once.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -761,8 +761,7 @@ def test_validation_and_quartile_losses_are_logged_and_best_pt_is_kept(cifar_wit
         quartiles = [float(r[f"loss_q{q}"]) for q in range(4) if r[f"loss_q{q}"]]
         assert min(quartiles) - 1e-6 <= float(r["loss"]) <= max(quartiles) + 1e-6
     best = load_ckpt(tmp_path / "checkpoints" / RUN / "best.pt")
-    assert best["best_val_loss"] == min(float(r["val_loss"]) for r in val_rows) or \
-        abs(best["best_val_loss"] - min(float(r["val_loss"]) for r in val_rows)) < 1e-6
+    assert abs(best["best_metric"] - min(float(r["val_loss"]) for r in val_rows)) < 1e-6
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(cifar_with_test_split, tmp_path):
@@ -790,7 +789,7 @@ def test_the_early_stopping_counter_survives_resume(cifar_with_test_split, tmp_p
 
 def test_early_stopping_without_validation_is_refused(tmp_path, cifar_dir):
     result = run_cli(*TINY, "--val_size", "0", "--early_stopping", "--data_dir", cifar_dir, cwd=tmp_path)
-    assert_one_line_error(result, "--early_stopping", "--val_size")
+    assert_one_line_error(result, "--early_stopping", "--val_size", "--fid_every")
 
 
 def test_a_folder_holds_out_a_tenth_at_most_for_validation(tmp_path):
@@ -827,3 +826,31 @@ def test_eval_reports_and_logs_fid_with_its_sample_count_and_caches_the_referenc
     assert cache.stat().st_mtime_ns == mtime, "the reference statistics were read from the cache"
     rows = read_loss_log(run / "fid_log.csv")
     assert [(r["num_samples"], r["reference_n"], r["sampler"], r["steps"]) for r in rows] == [("6", "80", "dpmpp2m", "3")] * 2
+
+
+@pytest.mark.skipif(not FID_WEIGHTS.is_file() or importlib.util.find_spec("pytorch_fid") is None,
+                    reason="needs pytorch-fid and ../shared/fid weights")
+def test_fid_during_training_is_logged_each_epoch_and_drives_best_pt(cifar_dir, tmp_path):
+    result = run_cli(*TINY, "--epochs", "2", "--fid_every", "1", "--fid_samples", "4", "--fid_weights", FID_WEIGHTS,
+                     "--data_dir", cifar_dir, cwd=tmp_path)
+    assert_ok(result)
+    run_dir = tmp_path / "checkpoints" / RUN
+    fids = [float(r["fid"]) for r in read_loss_log(run_dir / "loss_log.csv") if r["fid"]]
+    assert len(fids) == 2 and all(f > 0 for f in fids)
+    rows = read_loss_log(run_dir / "fid_log.csv")
+    assert [(r["step"], r["num_samples"], r["sampler"], r["reference_n"]) for r in rows] == \
+        [(str(STEPS_PER_EPOCH), "4", "dpmpp2m", "80"), (str(2 * STEPS_PER_EPOCH), "4", "dpmpp2m", "80")]
+    assert load_ckpt(run_dir / "best.pt")["best_metric"] == pytest.approx(min(fids), abs=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_gets_event_files_when_asked(cifar_dir, tmp_path):
+    assert_ok(run_cli(*TINY, "--epochs", "1", "--tensorboard", "--data_dir", cifar_dir, cwd=tmp_path))
+    assert list((tmp_path / "checkpoints" / RUN / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+def test_tensorboard_without_the_package_is_a_one_line_error(cifar_dir, tmp_path):
+    assert_one_line_error(run_cli(*TINY, "--epochs", "1", "--tensorboard", "--data_dir", cifar_dir, cwd=tmp_path),
+                          "pip install tensorboard")
+    assert not (tmp_path / "checkpoints").exists()
