@@ -29,16 +29,6 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny; intra-op threads only add synchronisation, and on a busy 2-core
-    # machine OpenMP's waiting made a 1000-step sampling loop 50x slower. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def linear_diffusion(timesteps=T):
     return td.GaussianDiffusion(td.make_beta_schedule("linear", timesteps, 1e-4, 0.02))
 

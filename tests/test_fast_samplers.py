@@ -16,15 +16,6 @@ import train_ddpm as td
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors and a thousand sequential steps: one thread avoids pool stalls on a busy machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class MixturePredictor:
     """eps*(x_t, t) = (x_t - sqrt(abar) E[x0 | x_t]) / sqrt(1 - abar) for a Gaussian-mixture data law."""
 

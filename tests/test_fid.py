@@ -22,15 +22,6 @@ FID_WEIGHTS = SHARED / "fid" / "pt_inception-2015-12-05-fc-zeroed.pth"
 CIFAR_5K = SHARED / "data" / "cifar10-lossless-5k.npz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors; extra intra-op threads only add synchronisation on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_spd(rng, d, scale=1.0):
     a = rng.standard_normal((d, d))
     return scale * (a @ a.T / d + 0.1 * np.eye(d))

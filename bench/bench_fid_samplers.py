@@ -1,0 +1,87 @@
+"""FID against sampling steps for the ddpm, ddim and dpmpp2m samplers of one checkpoint.
+
+    python bench/bench_fid_samplers.py --checkpoint checkpoints/cifar10_ts1000 --num_samples 10000
+    python bench/bench_fid_samplers.py --checkpoint RUN --num_samples 500 --fid_weights W.pth \
+        --reference_stats ../shared/fid/cifar10-jpeg75-train-stats.npz
+
+Every configuration starts from the same seed and is scored against the same reference: the
+checkpoint's training set (statistics cached as in --mode eval), or precomputed mu/sigma given by
+--reference_stats (then KID, which needs the reference features, is not reported). Prints one
+Markdown table: FID@N, KID, and the time spent sampling.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_ddpm as td  # noqa: E402
+
+DEFAULT_GRID = "ddpm:100,1000;ddim:10,20,50,100;dpmpp2m:10,20,50"
+
+
+def parse_grid(text, timesteps):
+    """'ddpm:100,1000;ddim:10,20' -> [('ddpm', 100), ...], dropping step counts above T."""
+    grid = []
+    for part in text.split(";"):
+        sampler, steps = part.split(":")
+        grid += [(sampler, int(k)) for k in steps.split(",") if int(k) <= timesteps]
+    return grid
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--num_samples", type=int, default=10_000)
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--grid", default=DEFAULT_GRID, help=f"sampler:steps,...;... (default {DEFAULT_GRID})")
+    parser.add_argument("--fid_weights", default=None)
+    parser.add_argument("--reference_stats", default=None, help=".npz with mu and sigma of the reference set")
+    parser.add_argument("--data_dir", default=None, help="override the checkpoint's data_dir for the reference")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    device = td.pick_device(args.device)
+    path = td.resolve_checkpoint_path(args.checkpoint)
+    model, diffusion, cfg = td.load_checkpoint(path, device=device)
+    step = td.read_checkpoint(path)["step"]
+    extractor = td.build_fid_inception(args.fid_weights, device)
+    if args.reference_stats:
+        mu, sigma = td.load_statistics(args.reference_stats)
+        reference_name, reference = Path(args.reference_stats).name, None
+    else:
+        images, reference_name = td.reference_images(cfg, args.data_dir or cfg.data_dir)
+        cache = path.parent.parent / "fid_stats" / td.reference_cache_name(reference_name, len(images))
+        reference = td.reference_statistics(images, extractor, cache, device=device)
+        mu, sigma = reference.mu, reference.sigma
+
+    rows = []
+    for sampler, steps in parse_grid(args.grid, cfg.timesteps):
+        start = time.perf_counter()
+        samples = td.generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size, sampler, steps,
+                                      0.0, "fixedlarge", args.seed)
+        seconds = time.perf_counter() - start
+        activations = td.compute_activations(samples, extractor, device=device)
+        fid = td.frechet_distance(*td.activation_statistics(activations), mu, sigma)
+        kid = "-"
+        if reference is not None:
+            kid_mean, kid_std = td.kernel_inception_distance(activations, reference.features)
+            kid = f"{kid_mean * 1e3:.2f} +- {kid_std * 1e3:.2f}"
+        rows.append((sampler, steps, fid, kid, seconds))
+
+    print(f"\n{path} (step {step:,}, T={cfg.timesteps}), N={args.num_samples:,} samples per row, "
+          f"reference {reference_name}, device {device}\n")
+    print(f"| sampler | steps | FID@{args.num_samples} | KID x1e3 | sampling s | images/s |")
+    print("|---|---|---|---|---|---|")
+    for sampler, steps, fid, kid, seconds in rows:
+        print(f"| {sampler} | {steps} | {fid:.2f} | {kid} | {seconds:.1f} | {args.num_samples / seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except td.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
