@@ -829,6 +829,23 @@ def save_grid(images, path, nrow=None):
     os.replace(tmp, path)
 
 
+def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
+                     seed, clip_denoised=True, timestep_spacing=None):
+    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar."""
+    device = diffusion.betas.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    chunks = []
+    with tqdm(total=num_samples, desc=f"sampling ({sampler}, {steps} steps)", unit="img") as bar:
+        while bar.n < num_samples:
+            b = min(batch_size, num_samples - bar.n)
+            shape = (b, 3, cfg.image_size, cfg.image_size)
+            x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                                 clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing)
+            chunks.append(to_uint8(x))
+            bar.update(b)
+    return np.concatenate(chunks)
+
+
 # --- Training utilities: EMA, LR schedule, loss log, checkpoints ----------------------------------
 
 class EMA:
@@ -1312,6 +1329,37 @@ def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subs
     return {"fid": fid, "kid": kid, "kid_std": kid_std}
 
 
+FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "eta", "source",
+                   "reference", "reference_n", "fid", "kid", "kid_std")
+
+
+def reference_images(cfg, data_dir):
+    """The whole training set of a run's dataset as uint8 (N, H, W, 3), and its name for the cache."""
+    if cfg.dataset == "cifar10":
+        return load_cifar10_train(data_dir).transpose(0, 2, 3, 1), "cifar10-train"
+    images, _ = load_image_folder(data_dir, cfg.image_size, cfg.num_workers)
+    return images.transpose(0, 2, 3, 1), f"folder-{Path(data_dir).resolve().name}"
+
+
+def evaluate_fid(images, reference, reference_name, extractor, cache_dir, log_path, info, device="cpu",
+                 batch_size=200):
+    """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
+    are cached in cache_dir (keyed by name and size); appends a row to log_path. Returns the scores."""
+    cache = Path(cache_dir) / reference_cache_name(reference_name, len(reference))
+    stats = reference_statistics(reference, extractor, cache, batch_size, device)
+    scores = fid_kid(images, stats, extractor, batch_size, device)
+    row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
+               reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
+               kid_std=f"{scores['kid_std']:.6f}")
+    new_file = not Path(log_path).exists()
+    with open(log_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FID_LOG_COLUMNS, extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+    return dict(scores, reference_n=stats.n)
+
+
 # --- Training loop --------------------------------------------------------------------------------
 
 def pick_device(name):
@@ -1653,23 +1701,6 @@ def unique_stem(folder, stem):
     return candidate
 
 
-def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
-                     seed, clip_denoised=True, timestep_spacing=None):
-    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar."""
-    device = diffusion.betas.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    chunks = []
-    with tqdm(total=num_samples, desc=f"sampling ({sampler}, {steps} steps)", unit="img") as bar:
-        while bar.n < num_samples:
-            b = min(batch_size, num_samples - bar.n)
-            shape = (b, 3, cfg.image_size, cfg.image_size)
-            x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                 clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing)
-            chunks.append(to_uint8(x))
-            bar.update(b)
-    return np.concatenate(chunks)
-
-
 def run_sample(args):
     from PIL import Image
     args.num_samples = 64 if args.num_samples is None else args.num_samples
@@ -1708,37 +1739,6 @@ def run_sample(args):
 
 
 # --- Evaluation: FID of a checkpoint's samples ------------------------------------------------------
-
-FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "eta", "source",
-                   "reference", "reference_n", "fid", "kid", "kid_std")
-
-
-def reference_images(cfg, data_dir):
-    """The whole training set of a run's dataset as uint8 (N, H, W, 3), and its name for the cache."""
-    if cfg.dataset == "cifar10":
-        return load_cifar10_train(data_dir).transpose(0, 2, 3, 1), "cifar10-train"
-    images, _ = load_image_folder(data_dir, cfg.image_size, cfg.num_workers)
-    return images.transpose(0, 2, 3, 1), f"folder-{Path(data_dir).resolve().name}"
-
-
-def evaluate_fid(images, reference, reference_name, extractor, cache_dir, log_path, info, device="cpu",
-                 batch_size=200):
-    """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
-    are cached in cache_dir (keyed by name and size); appends a row to log_path. Returns the scores."""
-    cache = Path(cache_dir) / reference_cache_name(reference_name, len(reference))
-    stats = reference_statistics(reference, extractor, cache, batch_size, device)
-    scores = fid_kid(images, stats, extractor, batch_size, device)
-    row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
-               reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
-               kid_std=f"{scores['kid_std']:.6f}")
-    new_file = not Path(log_path).exists()
-    with open(log_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FID_LOG_COLUMNS, extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
-    return dict(scores, reference_n=stats.n)
-
 
 def load_npz_images(path):
     path = Path(path)
