@@ -1069,7 +1069,11 @@ def load_checkpoint(path, use_ema=True, device="cpu"):
     The architecture and schedule come from the checkpoint's config; the weights are the EMA
     weights unless use_ema=False.
     """
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), use_ema, device)
+
+
+def model_from_checkpoint(ckpt, use_ema=True, device="cpu"):
+    """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
     cfg = config_from_dict(ckpt["config"])
     model = build_model(cfg)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
@@ -1454,7 +1458,7 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images)
 
 class Meter:
     """Sums the loss and gradient norm on the device between log rows, so the step never waits for
-    the GPU; reads them back (.item()) only when a row is written. Also keeps the clocks."""
+    the GPU; reads them back (one .tolist()) only when a row is written. Also keeps the clocks."""
 
     def __init__(self, device, step, elapsed_before, num_timesteps):
         self.device, self.elapsed_before, self.num_timesteps = device, elapsed_before, num_timesteps
@@ -1701,21 +1705,29 @@ def unique_stem(folder, stem):
     return candidate
 
 
+def checked_sampling_steps(args, cfg):
+    """Range-check the sampling flags (--eta, --batch_size, --sampling_steps against the checkpoint's
+    T) before any work; returns the number of steps (default T)."""
+    if args.eta < 0:
+        raise UserError("--eta must be >= 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError("--batch_size must be at least 1")
+    steps = args.sampling_steps or cfg.timesteps
+    if not 1 <= steps <= cfg.timesteps:
+        raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
+    return steps
+
+
 def run_sample(args):
     from PIL import Image
     args.num_samples = 64 if args.num_samples is None else args.num_samples
     if args.num_samples < 1:
         raise UserError("--num_samples must be at least 1")
-    if args.eta < 0:
-        raise UserError("--eta must be >= 0")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError("--batch_size must be at least 1")
     path = resolve_checkpoint_path(args.checkpoint)
+    ckpt = read_checkpoint(path)
+    steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
     device = pick_device(args.device or "auto")
-    model, diffusion, cfg = load_checkpoint(path, use_ema=not args.no_ema, device=device)
-    steps = args.sampling_steps or cfg.timesteps
-    if not 1 <= steps <= cfg.timesteps:
-        raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
+    model, diffusion, cfg = model_from_checkpoint(ckpt, use_ema=not args.no_ema, device=device)
     seed = cfg.seed if args.seed is None else args.seed
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     out.mkdir(parents=True, exist_ok=True)
@@ -1764,19 +1776,17 @@ def run_eval(args):
         path = resolve_checkpoint_path(args.checkpoint)
         ckpt = read_checkpoint(path)
         cfg, run_dir, step = config_from_dict(ckpt["config"]), path.parent, ckpt["step"]
+        steps = checked_sampling_steps(args, cfg)
     else:
         path, step = None, ""
         cfg = Config(**{k: getattr(args, k) for k in ("dataset", "image_size") if getattr(args, k) is not None})
         run_dir = Path(args.eval_npz).parent
     extractor = build_fid_inception(args.fid_weights or None, device)  # fails fast without pytorch-fid
-    steps = args.sampling_steps or cfg.timesteps
     if args.eval_npz:
         images = load_npz_images(args.eval_npz)
         info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
     else:
-        if not 1 <= steps <= cfg.timesteps:
-            raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
-        model, diffusion, cfg = load_checkpoint(path, use_ema=not args.no_ema, device=device)
+        model, diffusion, cfg = model_from_checkpoint(ckpt, use_ema=not args.no_ema, device=device)
         seed = cfg.seed if args.seed is None else args.seed
         images = generate_samples(model, diffusion, cfg, num_samples, args.batch_size or 128, args.sampler, steps,
                                   args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing)
