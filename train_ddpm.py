@@ -26,8 +26,10 @@ import math
 import os
 import pickle
 import re
+import subprocess
 import sys
 import time
+import traceback
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -99,6 +101,15 @@ class Config:
     max_steps: int = _field(0, "stop after this many optimizer steps in total (0 = no limit)")
     seed: int = _field(0, "seed for weights, data order, noise and previews")
     device: str = _field("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    # speed: none of these changes what is computed beyond float rounding
+    amp: str = _field("auto", "mixed precision of the UNet: auto (bf16 where the GPU or CPU runs it natively, "
+                              "else off), bf16, fp16 (with loss scaling) or off", choices=("auto", "bf16", "fp16", "off"))
+    channels_last: str = _field("auto", "channels-last memory layout for the convolutions (auto: on GPUs)",
+                                choices=("auto", "true", "false"))
+    tf32: bool = _field(True, "TF32 tensor cores for the fp32 matmuls and convolutions (Ampere or newer GPUs)")
+    compile: bool = _field(False, "torch.compile the UNet: minutes of compiling first, faster steps after "
+                                  "(for long GPU runs)")
+    fused_adamw: bool = _field(True, "one fused AdamW kernel for all parameters")
     num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)")
     # monitoring and saving
     log_every: int = _field(50, "write a loss-log row every this many steps")
@@ -122,7 +133,8 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "num_workers", "data_dir", "log_every",
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
+                     "num_workers", "data_dir", "log_every",
                      "sample_every", "num_preview", "preview_steps", "save_every", "keep_last",
                      "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
                      "tensorboard")
@@ -210,6 +222,7 @@ def validate_config(cfg):
         (cfg.batch_size >= 1, "--batch_size must be at least 1"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.max_steps >= 0, "--max_steps must be >= 0 (0 = no limit)"),
+        (cfg.seed >= 0, "--seed must be >= 0"),
         (cfg.num_workers >= 0, "--num_workers must be >= 0"),
         (cfg.train_subset >= 0, "--train_subset must be >= 0 (0 = all images)"),
         (cfg.val_size >= 0, "--val_size must be >= 0 (0 = no validation)"),
@@ -353,18 +366,19 @@ def load_dataset(cfg):
     return as_tensor(images), as_tensor(val)
 
 
-def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0):
+def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=slice(None)):
     """Yield the batches of one epoch as float tensors in [-1, 1], (B, 3, S, S), on images' device.
 
     The order and the flips are a pure function of (seed, epoch), so a resumed run sees exactly the
-    batches it would have seen; start_batch skips the ones already trained on.
+    batches it would have seen; start_batch skips the ones already trained on. shard picks this
+    process's part of each batch when several processes train together.
     """
     n = len(images)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).to(images.device)
     flips = (torch.rand(n, generator=g) < 0.5).to(images.device)
     for i in range(start_batch, steps_per_epoch(n, batch_size)):
-        idx = order[i * batch_size:(i + 1) * batch_size]
+        idx = order[i * batch_size:(i + 1) * batch_size][shard]
         x = images[idx].float() / 127.5 - 1.0
         if flip:
             x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
@@ -530,6 +544,138 @@ def build_model(cfg):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# --- Hardware: mixed precision, memory layout, several processes ---------------------------------
+# The UNet runs under autocast (bf16, or fp16 with a GradScaler) where that is faster; everything
+# around it (schedules, q_sample, posteriors, samplers, the loss) stays in fp32/fp64. Several GPUs
+# (or CPU processes) run under torchrun with DistributedDataParallel: every rank draws the same
+# timesteps and noise for the whole global batch and keeps its own slice, so N processes train as
+# one process with the same global batch would, up to float rounding.
+
+def pick_device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16():
+    """AVX512-BF16 or AMX, where bf16 convolutions beat fp32 (read from /proc/cpuinfo; Linux only)."""
+    try:
+        return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
+
+
+def autocast_dtype(amp, device):
+    """The dtype the UNet computes in for --amp (None: fp32). auto is bf16 where the hardware runs
+    it natively (GPUs since Ampere, CPUs with AVX512-BF16/AMX) and fp32 elsewhere."""
+    if amp == "auto":
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        return torch.bfloat16 if native else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def use_channels_last(setting, device):
+    # auto: channels-last suits cuDNN's tensor-core convolutions; on CPU (oneDNN) we measured no gain
+    # in fp32 and a slowdown under bf16, so CPUs keep NCHW unless asked.
+    return device.type == "cuda" if setting == "auto" else setting == "true"
+
+
+def place_model(model, device, channels_last):
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class Precision(nn.Module):
+    """Calls the UNet in the chosen memory layout and autocast dtype and returns fp32, so the
+    diffusion math around it never sees reduced precision."""
+
+    def __init__(self, net, device, dtype=None, channels_last=False):
+        super().__init__()
+        self.net, self.device_type, self.dtype, self.channels_last = net, device.type, dtype, channels_last
+        self.train(net.training)  # samplers switch dropout off through the wrapper and back
+
+    def forward(self, x, t):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.dtype is None:
+            return self.net(x, t).float()
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.net(x, t).float()
+
+
+def derived_seed(*keys):
+    """A seed that is a pure function of non-negative integer keys, e.g. (seed, step, stream): the
+    randomness of every step and every sample batch is fixed by them, so a resumed run draws what
+    an uninterrupted one would, and ranks agree (or differ) exactly where they should."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# Streams of derived_seed: what a draw is for.
+BATCH_NOISE, DROPOUT, SAMPLE_BATCH = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process among the torchrun workers (rank 0 of 1 without torchrun). The collectives
+    are no-ops in a single process."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def shard(self, n):
+        """This rank's contiguous slice of n items."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def sum_(self, tensor):
+        if self.world > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag, device):
+        """True on every rank when flag is true on any rank (e.g. rank 0 decided to stop)."""
+        return bool(self.sum_(torch.tensor([int(flag)], device=device)).item()) if self.world > 1 else flag
+
+    def gather(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def torchrun_processes():
+    return Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                     int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_processes(device_name):
+    """(device, Processes) for this process: under torchrun it joins the process group (NCCL on
+    GPUs, gloo on CPU) and takes GPU number LOCAL_RANK."""
+    procs, device = torchrun_processes(), pick_device(device_name)
+    if procs.world == 1:
+        return device, procs
+    if device.type == "cuda":
+        if procs.local_rank >= torch.cuda.device_count():
+            raise UserError(f"{procs.world} processes but only {torch.cuda.device_count()} GPUs on this machine")
+        torch.cuda.set_device(procs.local_rank)
+        device = torch.device("cuda", procs.local_rank)
+    if not torch.distributed.is_initialized():
+        import datetime  # rank 0's FID or previews may keep the others waiting for minutes
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=datetime.timedelta(minutes=60))
+    return device, procs
 
 
 # --- Diffusion: beta schedules and GaussianDiffusion (q, posterior, loss) -------------------------
@@ -830,20 +976,26 @@ def save_grid(images, path, nrow=None):
 
 
 def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
-                     seed, clip_denoised=True, timestep_spacing=None):
-    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar."""
+                     seed, clip_denoised=True, timestep_spacing=None, procs=Processes()):
+    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar.
+
+    Batch k draws its noise from (seed, k) alone, so the images do not depend on how many processes
+    share the work: under torchrun rank r makes batches r, r + world, ... and every rank gets all.
+    """
     device = diffusion.betas.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    chunks = []
+    generator = torch.Generator(device=device)
+    starts = range(0, num_samples, batch_size)
+    mine = {}
     with tqdm(total=num_samples, desc=f"sampling ({sampler}, {steps} steps)", unit="img") as bar:
-        while bar.n < num_samples:
-            b = min(batch_size, num_samples - bar.n)
-            shape = (b, 3, cfg.image_size, cfg.image_size)
+        for k in range(procs.rank, len(starts), procs.world):
+            shape = (min(batch_size, num_samples - starts[k]), 3, cfg.image_size, cfg.image_size)
+            generator.manual_seed(derived_seed(seed, k, SAMPLE_BATCH))
             x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
                                  clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing)
-            chunks.append(to_uint8(x))
-            bar.update(b)
-    return np.concatenate(chunks)
+            mine[k] = to_uint8(x)
+            bar.update(shape[0] * procs.world)  # the others progress alike
+    batches = {k: images for part in procs.gather(mine) for k, images in part.items()}
+    return np.concatenate([batches[k] for k in range(len(starts))])
 
 
 # --- Training utilities: EMA, LR schedule, loss log, checkpoints ----------------------------------
@@ -1063,21 +1215,24 @@ def read_checkpoint(path):
     return ckpt
 
 
-def load_checkpoint(path, use_ema=True, device="cpu"):
+def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
     """Load a checkpoint for sampling: returns (model in eval mode, diffusion, Config).
 
     The architecture and schedule come from the checkpoint's config; the weights are the EMA
-    weights unless use_ema=False.
+    weights unless use_ema=False. The model is a Precision caller (--amp, --channels_last) of the UNet.
     """
-    return model_from_checkpoint(read_checkpoint(path), use_ema, device)
+    return model_from_checkpoint(read_checkpoint(path), use_ema, device, amp, channels_last)
 
 
-def model_from_checkpoint(ckpt, use_ema=True, device="cpu"):
+def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
     """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
     cfg = config_from_dict(ckpt["config"])
     model = build_model(cfg)
     model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
-    return model.to(device).eval(), build_diffusion(cfg).to(device), cfg
+    device = torch.device(device)
+    layout = use_channels_last(channels_last, device)
+    model = place_model(model, device, layout).eval()
+    return Precision(model, device, autocast_dtype(amp, device), layout), build_diffusion(cfg).to(device), cfg
 
 
 def resolve_checkpoint_path(path):
@@ -1366,14 +1521,6 @@ def evaluate_fid(images, reference, reference_name, extractor, cache_dir, log_pa
 
 # --- Training loop --------------------------------------------------------------------------------
 
-def pick_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class RunPaths:
     checkpoints: Path
@@ -1397,16 +1544,40 @@ def refuse_existing_run(paths):
                         f"--resume latest, or start a new one with another --run_name")
 
 
-def train_step(model, diffusion, x_start, optimizer, grad_clip):
-    """One optimizer update on L_simple (Algorithm 1). Returns device tensors, so nothing waits for
-    the GPU: the grad norm, and the per-image losses (B,) with their timesteps t (B,)."""
-    t = torch.randint(0, diffusion.num_timesteps, (x_start.shape[0],), device=x_start.device)
-    losses = diffusion.training_losses(model, x_start, t)
+def build_optimizer(model, cfg):
+    """AdamW (Adam when weight_decay is 0, as in the paper), fused into one kernel where it can be."""
+    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.fused_adamw:
+        try:
+            return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device in this torch
+            pass
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
+def step_noise(diffusion, global_shape, shard, generator, seed, step):
+    """The timesteps and noise of training step `step` for the whole global batch, drawn from
+    (seed, step) alone, then sliced to this rank's images: resume and DDP draw what one
+    uninterrupted process would."""
+    generator.manual_seed(derived_seed(seed, step, BATCH_NOISE))
+    device = generator.device
+    t = torch.randint(0, diffusion.num_timesteps, global_shape[:1], generator=generator, device=device)
+    noise = torch.randn(global_shape, generator=generator, device=device)
+    return t[shard], noise[shard]
+
+
+def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip):
+    """One optimizer update on L_simple (Algorithm 1). `forward` calls the model (under autocast,
+    DDP, compile); `model` holds the parameters. Returns device tensors, so nothing waits for the
+    GPU: the grad norm and the per-image losses (B,)."""
+    losses = diffusion.training_losses(forward, x_start, t, noise)
     optimizer.zero_grad(set_to_none=True)
-    losses.mean().backward()
+    scaler.scale(losses.mean()).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    return grad_norm.detach(), losses.detach(), t
+    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    scaler.update()
+    return grad_norm.detach(), losses.detach()
 
 
 @dataclass
@@ -1419,17 +1590,16 @@ class TrainState:
     bad_epochs: int = 0            # evaluations since it last improved (early stopping)
 
 
-def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch, name=None):
+def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch, name=None):
     """Write the whole training state as `name` (default: the epoch checkpoint, which latest.pt
-    then points at, pruned to --keep_last)."""
+    then points at, pruned to --keep_last). No RNG state is needed: every draw is derived from
+    (seed, step) or (seed, epoch)."""
     ckpt = dict(
-        format="train_ddpm/1", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
-        optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(),
+        format="train_ddpm/2", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
+        optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(), scaler=scaler.state_dict(),
         epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
         num_images=state.num_images, loss_log_step=state.step,
         best_metric=state.best_metric, bad_epochs=state.bad_epochs,
-        rng=dict(torch=torch.get_rng_state(),
-                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
         torch_version=str(torch.__version__),
     )
     path = paths.checkpoints / (name or checkpoint_name(cfg.timesteps, epoch))
@@ -1440,7 +1610,7 @@ def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, sta
     return path
 
 
-def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images):
+def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num_images):
     if ckpt.get("num_images") != num_images:
         raise UserError(f"the training set has {num_images} images but the checkpoint was trained on "
                         f"{ckpt.get('num_images')}; resume with the same data")
@@ -1448,9 +1618,8 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, num_images)
     ema.model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_schedule.load_state_dict(ckpt["scheduler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     return TrainState(step=ckpt["step"], elapsed_s=ckpt["elapsed_s"], session=ckpt["session"] + 1,
                       num_images=num_images, best_metric=ckpt.get("best_metric", math.inf),
                       bad_epochs=ckpt.get("bad_epochs", 0))
@@ -1460,8 +1629,8 @@ class Meter:
     """Sums the loss and gradient norm on the device between log rows, so the step never waits for
     the GPU; reads them back (one .tolist()) only when a row is written. Also keeps the clocks."""
 
-    def __init__(self, device, step, elapsed_before, num_timesteps):
-        self.device, self.elapsed_before, self.num_timesteps = device, elapsed_before, num_timesteps
+    def __init__(self, device, step, elapsed_before, num_timesteps, procs=Processes()):
+        self.device, self.elapsed_before, self.num_timesteps, self.procs = device, elapsed_before, num_timesteps, procs
         self.session_start, self.session_start_step = time.perf_counter(), step
         self._start_interval(step, self.session_start)
 
@@ -1486,6 +1655,7 @@ class Meter:
 
     def row(self, step, lr, batch_size, steps_per_epoch, session):
         """A loss-log row averaging the steps since the previous row."""
+        self.procs.sum_(self.sums[:8])  # losses of all ranks' images; the grad norm is the same on each
         values = self.sums.tolist()  # the one host sync per log row
         loss_sums, counts, grad_norm_sum = values[:4], values[4:8], values[8]
         now, n = time.perf_counter(), step - self.interval_step
@@ -1585,58 +1755,88 @@ class Board:
             self.writer.close()
 
 
+def set_fast_math(tf32):
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True  # shapes never change: pick the fastest convolutions once
+
+
 def train(cfg, resume_from=None):
     """Train a run described by cfg (resuming from the checkpoint dict resume_from); returns the
-    path of the last checkpoint written."""
-    device = pick_device(cfg.device)
+    path of the last checkpoint written. Under torchrun every rank trains its shard of each global
+    batch; rank 0 alone logs, evaluates, previews and saves."""
+    device, procs = init_processes(cfg.device)
     paths = RunPaths.of(cfg)
     if resume_from is None:
         refuse_existing_run(paths)
+    if cfg.batch_size % procs.world:
+        raise UserError(f"--batch_size {cfg.batch_size} must be a multiple of the {procs.world} processes")
+    set_fast_math(cfg.tf32)
     torch.manual_seed(cfg.seed)
     images, val_images = load_dataset(cfg)
     images = images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
     n_batches = steps_per_epoch(len(images), cfg.batch_size)
-    model = build_model(cfg).to(device)
+    channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
+    model = place_model(build_model(cfg), device, channels_last)
     diffusion = build_diffusion(cfg).to(device)
     ema = EMA(model, cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)
     lr_schedule = LRSchedule(optimizer, cfg, n_batches)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(num_images=len(images))
     if resume_from is not None:
-        state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, len(images))
+        state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, scaler, len(images))
+    net = torch.compile(model) if cfg.compile else model
+    if procs.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    forward, ema_forward = (Precision(m, device, amp_dtype, channels_last) for m in (net, ema.model))
     validator = None
-    if val_images is not None:
+    if val_images is not None and procs.main:
         validator = Validator(val_images.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
     print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images, "
           f"{n_batches} steps per epoch | {0 if val_images is None else len(val_images):,} validation images "
-          f"| device {device}")
+          f"| {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
+          f"{'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')} autocast"
+          f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}")
+    if amp_dtype == torch.float16 and device.type == "cpu":
+        print("warning: CPUs have no fast fp16 kernels, so --amp fp16 is slow here; use --amp bf16 or off",
+              file=sys.stderr)
     total_steps = cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
     if state.step >= total_steps:
         raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
                         f"raise --epochs or --max_steps to train further")
 
     # Optional packages fail here, before anything is written.
-    fid_during_training = FidDuringTraining(cfg, paths, device) if cfg.fid_every else None
-    board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard else None)
-    paths.checkpoints.mkdir(parents=True, exist_ok=True)
-    paths.samples.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
-    log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None)
+    fid_during_training = FidDuringTraining(cfg, paths, device) if cfg.fid_every and procs.main else None
+    board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
+    procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    log = None
+    if procs.main:
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        paths.samples.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
+        log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None)
     # The same noise for every preview, so grids from different epochs are comparable.
     preview_noise = torch.randn((cfg.num_preview, 3, cfg.image_size, cfg.image_size),
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    noise_generator = torch.Generator(device)
+    batch_shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    shard = procs.shard(cfg.batch_size)
 
     model.train()
     last_saved = None
-    meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps)
+    meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps, procs)
     for epoch in range(state.step // n_batches, cfg.epochs):
         start_batch = state.step - epoch * n_batches
         bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   dynamic_ncols=True)
-        for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch):
+                   dynamic_ncols=True, disable=not procs.main)
+        for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard):
             # train
             lr = lr_schedule.set_step(state.step)
-            grad_norm, losses, t = train_step(model, diffusion, x_start, optimizer, cfg.grad_clip)
+            t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
+            torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks drop out differently
+            grad_norm, losses = train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler,
+                                           cfg.grad_clip)
             ema.update(model, state.step)
             state.step += 1
             meter.add(grad_norm, losses, t)
@@ -1644,57 +1844,80 @@ def train(cfg, resume_from=None):
             # log
             if state.step % cfg.log_every == 0 or state.step == total_steps:
                 row = meter.row(state.step, lr, cfg.batch_size, n_batches, state.session)
-                log.write(**row)
-                board.scalars("train", row, state.step)
+                if procs.main:
+                    log.write(**row)
+                    board.scalars("train", row, state.step)
                 bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
                                 eta_total=meter.eta(state.step, total_steps))
             if state.step >= total_steps:
                 break
         bar.close()
         finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
-        # evaluate
-        metrics = {}
-        if validator is not None:
-            metrics["val_loss"] = validator.loss(ema.model, diffusion)
-        if fid_during_training is not None and (epoch_done % cfg.fid_every == 0 or finished):
-            metrics["fid"] = fid_during_training(ema.model, diffusion, state.step)
-        improved = False
-        if metrics:
-            log.write(step=state.step, epoch=f"{state.step / n_batches:.4f}", elapsed_s=f"{meter.elapsed():.1f}",
-                      session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
-            board.scalars("eval", metrics, state.step)
-            tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
-            monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
-            if monitored is not None:
-                improved = monitored < state.best_metric
-                state.best_metric = min(state.best_metric, monitored)
-                state.bad_epochs = 0 if improved else state.bad_epochs + 1
-                if cfg.early_stopping and state.bad_epochs >= cfg.patience:
-                    tqdm.write(f"early stopping: no better {'FID' if cfg.fid_every else 'validation loss'} for "
-                               f"{state.bad_epochs} evaluations; the best weights are in best.pt")
-                    finished = True
-        # sample
-        if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
-            preview, grid = write_preview(paths, ema.model, diffusion, preview_noise, cfg.preview_steps, epoch_done)
-            board.image("preview", grid, state.step)
-            tqdm.write(f"preview: {preview}")
-        # save
-        if epoch_done % cfg.save_every == 0 or finished:
+        if procs.main:
+            # evaluate
+            improved, stop = evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion,
+                                            log, board, meter, n_batches, epoch_done, finished)
+            finished = finished or stop
+            # sample
+            if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
+                preview, grid = write_preview(paths, ema_forward, diffusion, preview_noise, cfg.preview_steps,
+                                              epoch_done)
+                board.image("preview", grid, state.step)
+                tqdm.write(f"preview: {preview}")
+            # save
+            save = lambda name=None: save_training_checkpoint(  # noqa: E731
+                paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch_done, name)
             state.elapsed_s = meter.elapsed()
-            last_saved = save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done)
-            tqdm.write(f"checkpoint: {last_saved}")
-        if improved:
-            state.elapsed_s = meter.elapsed()
-            save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, state, epoch_done, "best.pt")
+            if epoch_done % cfg.save_every == 0 or finished:
+                last_saved = save()
+                tqdm.write(f"checkpoint: {last_saved}")
+            if improved:
+                save("best.pt")
+        finished = procs.any(finished, device)  # early stopping is rank 0's decision
         meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
         if finished:
             break
-    log.close()
+    if log is not None:
+        log.close()
     board.close()
+    procs.barrier()
     return last_saved
 
 
+def evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion, log, board, meter,
+                   n_batches, epoch_done, finished):
+    """Validation loss (and FID on --fid_every epochs) of the EMA weights after an epoch, logged.
+    Returns (improved on the best so far, early stopping says stop)."""
+    metrics = {}
+    if validator is not None:
+        metrics["val_loss"] = validator.loss(ema_forward, diffusion)
+    if fid_during_training is not None and (epoch_done % cfg.fid_every == 0 or finished):
+        metrics["fid"] = fid_during_training(ema_forward, diffusion, state.step)
+    if not metrics:
+        return False, False
+    log.write(step=state.step, epoch=f"{state.step / n_batches:.4f}", elapsed_s=f"{meter.elapsed():.1f}",
+              session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
+    board.scalars("eval", metrics, state.step)
+    tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
+    monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
+    if monitored is None:
+        return False, False
+    improved = monitored < state.best_metric
+    state.best_metric = min(state.best_metric, monitored)
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    stop = cfg.early_stopping and state.bad_epochs >= cfg.patience
+    if stop:
+        tqdm.write(f"early stopping: no better {'FID' if cfg.fid_every else 'validation loss'} for "
+                   f"{state.bad_epochs} evaluations; the best weights are in best.pt")
+    return improved, stop
+
+
 # --- Sampling from a checkpoint ---------------------------------------------------------------------
+
+def hardware_flags(args):
+    """(amp, channels_last) of --mode sample/eval: the flags if given, else auto."""
+    return args.amp or "auto", args.channels_last or "auto"
+
 
 def unique_stem(folder, stem):
     """stem, or stem_2, stem_3, ... so earlier samples are never overwritten."""
@@ -1726,16 +1949,19 @@ def run_sample(args):
     path = resolve_checkpoint_path(args.checkpoint)
     ckpt = read_checkpoint(path)
     steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
-    device = pick_device(args.device or "auto")
-    model, diffusion, cfg = model_from_checkpoint(ckpt, use_ema=not args.no_ema, device=device)
+    device, procs = init_processes(args.device or "auto")
+    model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
     seed = cfg.seed if args.seed is None else args.seed
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
-    out.mkdir(parents=True, exist_ok=True)
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
           f"{'EMA' if not args.no_ema else 'raw'} weights, {count_parameters(model) / 1e6:.2f}M parameters")
 
     images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
-                              steps, args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing)
+                              steps, args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
+                              procs=procs)
+    if not procs.main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
     suffix = {"ddim": f"_eta{args.eta:g}", "ddpm": f"_{args.var_type}", "dpmpp2m": ""}[args.sampler]
     if args.timestep_spacing:
         suffix += f"_{args.timestep_spacing}"
@@ -1771,7 +1997,7 @@ def run_eval(args):
     num_samples = args.num_samples or 10_000
     if num_samples < 2:
         raise UserError("--num_samples must be at least 2 for FID")
-    device = pick_device(args.device or "auto")
+    device, procs = init_processes(args.device or "auto")
     if args.checkpoint:
         path = resolve_checkpoint_path(args.checkpoint)
         ckpt = read_checkpoint(path)
@@ -1786,13 +2012,16 @@ def run_eval(args):
         images = load_npz_images(args.eval_npz)
         info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
     else:
-        model, diffusion, cfg = model_from_checkpoint(ckpt, use_ema=not args.no_ema, device=device)
+        model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
         seed = cfg.seed if args.seed is None else args.seed
         images = generate_samples(model, diffusion, cfg, num_samples, args.batch_size or 128, args.sampler, steps,
-                                  args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing)
+                                  args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
+                                  procs=procs)
         info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
                     spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler],
                     source="ema" if not args.no_ema else "raw weights")
+    if not procs.main:
+        return
     reference, name = reference_images(cfg, args.data_dir or cfg.data_dir)
     scores = evaluate_fid(images, reference, name, extractor, run_dir.parent / "fid_stats", run_dir / "fid_log.csv",
                           info, device)
@@ -1865,6 +2094,10 @@ def build_parser():
         else:
             train.add_argument(*flags, dest=f.name, default=None, choices=f.metadata.get("choices"),
                                type=_typed(field_parser(f), f.name), help=help_text)
+    parser.add_argument("--num_gpus", type=int, default=None, metavar="N",
+                        help="run on N GPUs of this machine: relaunches this command under torchrun with "
+                             "DistributedDataParallel (training) or N shards of the samples (sample, eval); "
+                             "with --device cpu, N CPU processes")
     sample = parser.add_argument_group("sampling (--mode sample)")
     sample.add_argument("--checkpoint", help="checkpoint file, or a run folder meaning its newest checkpoint")
     sample.add_argument("--num_samples", type=int, default=None, help="images to generate (sample: 64, eval: 10000)")
@@ -2008,9 +2241,46 @@ def resolve_train_config(args):
     return cfg, ckpt
 
 
+def launch_processes(args, argv):
+    """--num_gpus N: run this same command as N torchrun workers on this machine. Everything is
+    checked here first, and a menu's answers are passed on as flags, so the workers ask nothing."""
+    device = pick_device(args.device or "auto")
+    if device.type == "cuda" and args.num_gpus > torch.cuda.device_count():
+        raise UserError(f"--num_gpus {args.num_gpus} but this machine has {torch.cuda.device_count()} GPUs")
+    extra = []
+    if args.mode == "train":
+        cfg, ckpt = resolve_train_config(args)
+        if cfg.batch_size % args.num_gpus:
+            raise UserError(f"--batch_size {cfg.batch_size} must be a multiple of --num_gpus {args.num_gpus}")
+        if ckpt is None:
+            preset = preset_config(cfg.preset, {})
+            extra = ["--preset", cfg.preset]
+            for name in CONFIG_FIELDS:
+                if getattr(cfg, name) != getattr(preset, name):
+                    extra += [f"--{name}", _show(getattr(cfg, name))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_gpus}",
+               str(Path(__file__).resolve()), *argv, *extra]
+    print(f"launching {args.num_gpus} processes with torchrun --standalone --nproc_per_node={args.num_gpus}",
+          flush=True)
+    return subprocess.run(command).returncode
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    procs = torchrun_processes()
+    if not procs.main:  # rank 0 speaks for all; the others print only a crash
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+        sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     try:
+        if args.num_gpus is not None:
+            if args.num_gpus < 1:
+                raise UserError("--num_gpus must be at least 1")
+            if procs.world > 1 and args.num_gpus != procs.world:
+                raise UserError(f"--num_gpus {args.num_gpus} but torchrun started {procs.world} processes; "
+                                f"leave out --num_gpus under torchrun")
+            if args.num_gpus > 1 and procs.world == 1:
+                return launch_processes(args, argv)
         if args.mode == "sample":
             if not args.checkpoint:
                 raise UserError("--mode sample needs --checkpoint PATH (a .pt file or a run folder)")
