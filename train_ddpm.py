@@ -26,8 +26,12 @@ import math
 import os
 import pickle
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import zipfile
@@ -117,6 +121,12 @@ class Config:
     num_preview: int = _field(10, "images in each preview grid")
     preview_steps: int = _field(50, "DDIM steps used for previews")
     save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)")
+    save_every_steps: int = _field(0, "also save latest.pt every this many steps (0 = off), so a crash "
+                                      "loses minutes, not an epoch")
+    save_every_minutes: float = _field(30.0, "also save latest.pt every this many minutes (0 = off; the paper's "
+                                             "code saved every 1600 s)")
+    max_bad_steps: int = _field(20, "stop (saving the last good weights) after this many consecutive steps "
+                                    "with a non-finite loss or gradient; each such step is skipped")
     keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)")
     early_stopping: bool = _field(False, "stop when the validation loss (or FID, with --fid_every) has not "
                                          "improved for --patience evaluations")
@@ -135,7 +145,8 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # a different run (architecture, schedule, optimisation, data order).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
                      "num_workers", "data_dir", "log_every",
-                     "sample_every", "num_preview", "preview_steps", "save_every", "keep_last",
+                     "sample_every", "num_preview", "preview_steps", "save_every", "save_every_steps",
+                     "save_every_minutes", "max_bad_steps", "keep_last",
                      "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
                      "tensorboard")
 
@@ -236,6 +247,9 @@ def validate_config(cfg):
         (cfg.num_preview >= 1, "--num_preview must be at least 1"),
         (1 <= cfg.preview_steps <= cfg.timesteps, f"--preview_steps must be in 1..{cfg.timesteps} (the timesteps)"),
         (cfg.save_every >= 1, "--save_every must be at least 1"),
+        (cfg.save_every_steps >= 0, "--save_every_steps must be >= 0 (0 = off)"),
+        (cfg.save_every_minutes >= 0, "--save_every_minutes must be >= 0 (0 = off)"),
+        (cfg.max_bad_steps >= 1, "--max_bad_steps must be at least 1"),
         (cfg.keep_last >= 0, "--keep_last must be >= 0 (0 = keep all)"),
         (cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}"),
         ("/" not in cfg.run_name and cfg.run_name not in (".", ".."), "--run_name must be a plain name, not a path"),
@@ -425,9 +439,14 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(2, 3).unbind(1)  # 3 x (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
-        return x + self.proj(h.transpose(1, 2).reshape(B, C, H, W))
+        # The 1x1 convolutions are applied as matmuls over the pixels, (B, HW, C) @ W^T: the same
+        # weights and math, but q, k, v come out contiguous, as (B, 1 head, HW, C), which lets
+        # scaled_dot_product_attention pick its fused flash kernel instead of its unfused math.
+        h = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = F.linear(h, self.qkv.weight.reshape(3 * C, C), self.qkv.bias).unsqueeze(1).chunk(3, dim=-1)
+        h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v, (B, HW, C)
+        h = F.linear(h, self.proj.weight.reshape(C, C), self.proj.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class ResBlock(nn.Module):
@@ -1053,21 +1072,25 @@ class LRSchedule:
 # Training rows fill loss..images_per_s; the row written after each epoch's evaluation fills val_loss
 # (and fid, on --fid_every epochs).
 LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
-                    "images_per_s", "elapsed_s", "session", "val_loss", "fid")
+                    "bad_steps", "images_per_s", "elapsed_s", "session", "val_loss", "fid")
 
 
 class LossLog:
     """checkpoints/<run>/loss_log.csv, one row per log_every steps, flushed as it goes.
 
     On resume the rows after the checkpoint's step (written after the last save) are dropped, so
-    the log continues exactly from the checkpoint instead of repeating steps. loss_q0..q3 split the
-    loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it.
+    the log continues exactly from the checkpoint instead of repeating steps; so is a training row
+    after interval_step, the start of the log interval the checkpoint's Meter was summing (the last
+    row of a run stopped off the --log_every grid): the resumed run writes that interval's row whole.
+    loss_q0..q3 split the loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it.
     """
 
-    def __init__(self, path, resume_step=None):
+    def __init__(self, path, resume_step=None, interval_step=None):
         self.path = Path(path)
         if resume_step is not None and self.path.exists():
-            self._rewrite(self._rows_up_to(resume_step))
+            last = resume_step if interval_step is None else interval_step
+            self._rewrite([row for row in self._rows_up_to(resume_step)
+                           if int(row["step"]) <= last or not row.get("loss")])
         else:
             self._rewrite([])
         self.file = open(self.path, "a", newline="")
@@ -1199,20 +1222,71 @@ def _load_failure_reason(error):
 
 
 def read_checkpoint(path):
-    """The checkpoint dict, loaded without running any pickled code (weights_only=True)."""
+    """The checkpoint dict, loaded without running any pickled code: torch.load(weights_only=True),
+    which unpickles only tensors and plain containers, or a weights-only .safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = _load_failure_reason(e)
-        others = [p.name for p in epoch_checkpoints(path.parent) if p.resolve() != path.resolve()]
-        hint = f"; other checkpoints in {path.parent}: {', '.join(others[-3:])}" if others else ""
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({reason}){hint}") from None
+        good = newest_good_checkpoint(path)
+        hint = (f"; resume from {good} instead, the newest checkpoint there that loads" if good else
+                f"; no other checkpoint in {path.parent} loads")
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({_load_failure_reason(e)}){hint}") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
         raise UserError(f"{path} is not a train_ddpm.py checkpoint (no model and config inside)")
     return ckpt
+
+
+def newest_good_checkpoint(bad):
+    """The newest other checkpoint beside `bad` that loads, or None."""
+    folder = Path(bad).parent
+    candidates = [p for p in folder.glob("*.pt") if p.is_file() and not p.samefile(bad)]
+    for p in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        if isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys():
+            return p
+    return None
+
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError(".safetensors files need the safetensors package: pip install safetensors") from None
+    return safetensors
+
+
+def export_safetensors(ckpt, path, use_ema=True):
+    """The sampling weights (EMA unless use_ema=False) and the config as a .safetensors file: no
+    pickle at all, so any tool can read it without trusting it."""
+    safetensors = _safetensors()
+    source = "ema" if use_ema and "ema" in ckpt else "model"
+    tensors = {name: t.contiguous() for name, t in ckpt[source].items()}
+    metadata = dict(format="train_ddpm/2", config=json.dumps(ckpt["config"]), weights=source,
+                    step=str(ckpt.get("step", 0)), epoch=str(ckpt.get("epoch", 0)))
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
+
+
+def read_safetensors(path):
+    """A checkpoint-like dict (model, config, step, epoch) from an exported .safetensors file."""
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        config = json.loads(metadata["config"])
+    except Exception as e:
+        raise UserError(f"{path} is not a readable train_ddpm.py .safetensors file "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    return dict(model=tensors, config=config, step=int(metadata.get("step", 0)),
+                epoch=int(metadata.get("epoch", 0)), weights_only=True)
 
 
 def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
@@ -1233,6 +1307,21 @@ def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels
     layout = use_channels_last(channels_last, device)
     model = place_model(model, device, layout).eval()
     return Precision(model, device, autocast_dtype(amp, device), layout), build_diffusion(cfg).to(device), cfg
+
+
+def check_writable_folder(folder, flag):
+    """Refuse (before any work) a folder that cannot be created or written: a file in its way, or
+    no write permission on the nearest folder that exists."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: no permission to write in {existing}")
 
 
 def resolve_checkpoint_path(path):
@@ -1536,12 +1625,14 @@ class RunPaths:
 
 
 def refuse_existing_run(paths):
-    """Never overwrite a run: a new run needs an empty run folder."""
-    has_checkpoints = find_latest_checkpoint(paths.checkpoints) is not None
-    if has_checkpoints or paths.loss_log.exists():
-        what = "checkpoints" if has_checkpoints else "a loss log"
-        raise UserError(f"{paths.checkpoints} already holds {what} of a run; continue it with "
+    """Never overwrite a run: a new run needs a run folder without checkpoints. A loss log alone is
+    what a run stopped before its first save leaves; with nothing to resume, it is started afresh."""
+    if find_latest_checkpoint(paths.checkpoints) is not None:
+        raise UserError(f"{paths.checkpoints} already holds checkpoints of a run; continue it with "
                         f"--resume latest, or start a new one with another --run_name")
+    if paths.loss_log.exists():
+        print(f"note: {paths.checkpoints} has a loss log but no checkpoint (a run stopped before its first "
+              f"save); starting it afresh")
 
 
 def build_optimizer(model, cfg):
@@ -1566,18 +1657,35 @@ def step_noise(diffusion, global_shape, shard, generator, seed, step):
     return t[shard], noise[shard]
 
 
-def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip):
-    """One optimizer update on L_simple (Algorithm 1). `forward` calls the model (under autocast,
-    DDP, compile); `model` holds the parameters. Returns device tensors, so nothing waits for the
-    GPU: the grad norm and the per-image losses (B,)."""
+def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes()):
+    """One optimizer update on L_simple (Algorithm 1), skipped when the loss or the gradient is not
+    finite. `forward` calls the model (under autocast, DDP, compile); `model` holds the parameters.
+    Returns device tensors, so nothing waits for the GPU: the grad norm, the per-image losses (B,)
+    and whether the step was skipped."""
     losses = diffusion.training_losses(forward, x_start, t, noise)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.mean()).backward()
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    scaler.step(optimizer)  # skipped by the scaler when fp16 gradients overflowed
+    # Gradients are already averaged over the ranks, but a loss can be infinite on one rank alone.
+    bad = procs.sum_((~torch.isfinite(losses).all()).float().reshape(1)) + ~torch.isfinite(grad_norm)
+    bad = bad.reshape(()) > 0
+    step_unless(bad, optimizer, scaler)
     scaler.update()
-    return grad_norm.detach(), losses.detach()
+    return grad_norm.detach(), losses.detach(), bad
+
+
+def step_unless(bad, optimizer, scaler):
+    """optimizer.step() unless `bad` (a device bool), leaving the weights and the Adam moments
+    untouched. fp16's GradScaler skips overflowing steps itself; the fused AdamW kernel skips on
+    a device flag (found_inf, as GradScaler drives it), so only unfused AdamW waits for the GPU."""
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+    elif optimizer.defaults.get("fused"):
+        optimizer.grad_scale, optimizer.found_inf = None, bad.float()
+        optimizer.step()
+    elif not bad.item():
+        optimizer.step()
 
 
 @dataclass
@@ -1590,24 +1698,37 @@ class TrainState:
     bad_epochs: int = 0            # evaluations since it last improved (early stopping)
 
 
-def save_training_checkpoint(paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch, name=None):
-    """Write the whole training state as `name` (default: the epoch checkpoint, which latest.pt
-    then points at, pruned to --keep_last). No RNG state is needed: every draw is derived from
-    (seed, step) or (seed, epoch)."""
-    ckpt = dict(
+def training_checkpoint(cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch, meter):
+    """The whole training state as a dict of plain types and tensors (what weights_only loading
+    accepts). No RNG state is needed: every draw is derived from (seed, step) or (seed, epoch)."""
+    return dict(
         format="train_ddpm/2", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
         optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(), scaler=scaler.state_dict(),
         epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
-        num_images=state.num_images, loss_log_step=state.step,
+        num_images=state.num_images, loss_log_step=state.step, meter=meter.state_dict(),
         best_metric=state.best_metric, bad_epochs=state.bad_epochs,
         torch_version=str(torch.__version__),
     )
-    path = paths.checkpoints / (name or checkpoint_name(cfg.timesteps, epoch))
+
+
+def checkpoint_bytes(ckpt):
+    """About the size of the checkpoint file: the bytes of its tensors."""
+    if isinstance(ckpt, torch.Tensor):
+        return ckpt.numel() * ckpt.element_size()
+    if isinstance(ckpt, dict):
+        return sum(checkpoint_bytes(v) for v in ckpt.values())
+    if isinstance(ckpt, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in ckpt)
+    return 0
+
+
+def write_training_checkpoint(ckpt, path, keep_last=0, epoch_file=True):
+    """Write atomically; an epoch checkpoint also becomes latest.pt, and older ones are pruned to
+    keep_last."""
     atomic_torch_save(ckpt, path)
-    if name is None:
+    if epoch_file:
         point_latest_at(path)
-        prune_checkpoints(paths.checkpoints, cfg.keep_last)
-    return path
+        prune_checkpoints(path.parent, keep_last)
 
 
 def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num_images):
@@ -1627,23 +1748,40 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num
 
 class Meter:
     """Sums the loss and gradient norm on the device between log rows, so the step never waits for
-    the GPU; reads them back (one .tolist()) only when a row is written. Also keeps the clocks."""
+    the GPU; reads them back (one .tolist()) only when a row is written. Counts the skipped
+    (non-finite) steps, in total and in a row. Also keeps the clocks."""
 
     def __init__(self, device, step, elapsed_before, num_timesteps, procs=Processes()):
         self.device, self.elapsed_before, self.num_timesteps, self.procs = device, elapsed_before, num_timesteps, procs
         self.session_start, self.session_start_step = time.perf_counter(), step
+        self.consecutive_bad = torch.zeros((), device=device)
         self._start_interval(step, self.session_start)
 
     def _start_interval(self, step, now):
-        # per timestep quartile: [loss sums (4), image counts (4)], then the grad-norm sum
-        self.sums = torch.zeros(9, device=self.device)
+        # per timestep quartile: [loss sums (4), image counts (4)], then the grad-norm sum, skipped steps
+        self.sums = torch.zeros(10, device=self.device)
         self.interval_step, self.interval_start = step, now
 
-    def add(self, grad_norm, losses, t):
+    def add(self, grad_norm, losses, t, bad):
+        """One step's device tensors; a skipped (bad) step counts only as skipped."""
+        good = ~bad
         quartile = t * 4 // self.num_timesteps
-        self.sums.index_add_(0, quartile, losses.float())
-        self.sums.index_add_(0, quartile + 4, torch.ones_like(losses, dtype=torch.float32))
-        self.sums[8] += grad_norm
+        self.sums.index_add_(0, quartile, torch.where(good, losses.float(), 0.0))
+        self.sums.index_add_(0, quartile + 4, good.float().expand(len(losses)))
+        self.sums[8] += torch.where(good, grad_norm.float(), 0.0)
+        self.sums[9] += bad.float()
+        self.consecutive_bad = (self.consecutive_bad + 1) * bad
+
+    def bad_streak(self):
+        """Consecutive skipped steps up to now (a host sync: called every few steps only)."""
+        return int(self.consecutive_bad.item())
+
+    def state_dict(self):
+        """The unfinished log interval, so a resumed run writes the row an uninterrupted one would."""
+        return dict(sums=self.sums.cpu(), interval_step=self.interval_step)
+
+    def load_state_dict(self, state):
+        self.sums, self.interval_step = state["sums"].to(self.device), state["interval_step"]
 
     def pause(self, seconds):
         """Leave time spent on previews and checkpoints out of images/s."""
@@ -1653,19 +1791,22 @@ class Meter:
         """Wall time of the run over all its sessions."""
         return self.elapsed_before + time.perf_counter() - self.session_start
 
-    def row(self, step, lr, batch_size, steps_per_epoch, session):
-        """A loss-log row averaging the steps since the previous row."""
-        self.procs.sum_(self.sums[:8])  # losses of all ranks' images; the grad norm is the same on each
-        values = self.sums.tolist()  # the one host sync per log row
-        loss_sums, counts, grad_norm_sum = values[:4], values[4:8], values[8]
+    def row(self, step, lr, batch_size, steps_per_epoch, session, end_interval=True):
+        """A loss-log row averaging the steps since the previous row. end_interval=False (a row off
+        the --log_every grid, at the end of a run) keeps summing, for a resumed run's next row."""
+        sums = self.procs.sum_(self.sums[:8].clone())  # all ranks' images; the grad norm is the same on each
+        values = sums.tolist() + self.sums[8:].tolist()  # the host sync of a log row
+        loss_sums, counts, grad_norm_sum, bad = values[:4], values[4:8], values[8], int(values[9])
         now, n = time.perf_counter(), step - self.interval_step
-        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", loss=f"{sum(loss_sums) / sum(counts):.6f}",
-                   lr=f"{lr:.6g}", grad_norm=f"{grad_norm_sum / n:.4f}",
+        row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", lr=f"{lr:.6g}", bad_steps=bad,
+                   loss=f"{sum(loss_sums) / sum(counts):.6f}" if sum(counts) else "",
+                   grad_norm=f"{grad_norm_sum / (n - bad):.4f}" if n > bad else "",
                    images_per_s=f"{n * batch_size / (now - self.interval_start):.1f}",
                    elapsed_s=f"{self.elapsed():.1f}", session=session)
         for q in range(4):
             row[f"loss_q{q}"] = f"{loss_sums[q] / counts[q]:.6f}" if counts[q] else ""
-        self._start_interval(step, now)
+        if end_interval:
+            self._start_interval(step, now)
         return row
 
     def eta(self, step, total_steps):
@@ -1810,78 +1951,251 @@ def train(cfg, resume_from=None):
     fid_during_training = FidDuringTraining(cfg, paths, device) if cfg.fid_every and procs.main else None
     board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    lock = RunLock(paths.checkpoints) if procs.main else None
+    try:
+        return _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model, forward, ema,
+                           ema_forward, diffusion, optimizer, lr_schedule, scaler, state, validator,
+                           fid_during_training, board, resume_from)
+    finally:
+        board.close()
+        if lock is not None:
+            lock.release()
+
+
+def _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model, forward, ema, ema_forward,
+                diffusion, optimizer, lr_schedule, scaler, state, validator, fid_during_training, board, resume_from):
+    meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps, procs)
+    if resume_from is not None and resume_from.get("meter") and procs.main:
+        meter.load_state_dict(resume_from["meter"])  # the other ranks' part of that interval is not saved
     log = None
     if procs.main:
-        paths.checkpoints.mkdir(parents=True, exist_ok=True)
         paths.samples.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
-        log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None)
+        log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None,
+                      interval_step=meter.interval_step)
+    saver = Saver(paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, meter)
     # The same noise for every preview, so grids from different epochs are comparable.
     preview_noise = torch.randn((cfg.num_preview, 3, cfg.image_size, cfg.image_size),
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     noise_generator = torch.Generator(device)
     batch_shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     shard = procs.shard(cfg.batch_size)
+    check_every = min(cfg.log_every, cfg.max_bad_steps)  # host syncs for the bad-step and signal checks
 
     model.train()
-    last_saved = None
-    meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps, procs)
-    for epoch in range(state.step // n_batches, cfg.epochs):
-        start_batch = state.step - epoch * n_batches
-        bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   dynamic_ncols=True, disable=not procs.main)
-        for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard):
-            # train
-            lr = lr_schedule.set_step(state.step)
-            t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
-            torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks drop out differently
-            grad_norm, losses = train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler,
-                                           cfg.grad_clip)
-            ema.update(model, state.step)
-            state.step += 1
-            meter.add(grad_norm, losses, t)
-            bar.update(1)
-            # log
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
-                row = meter.row(state.step, lr, cfg.batch_size, n_batches, state.session)
-                if procs.main:
-                    log.write(**row)
-                    board.scalars("train", row, state.step)
-                bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
-                                eta_total=meter.eta(state.step, total_steps))
-            if state.step >= total_steps:
+    stopped = None  # why the run stops early: a signal number, or "bad" for non-finite steps
+    with GracefulStop(procs.main) as signals:
+        for epoch in range(state.step // n_batches, cfg.epochs):
+            start_batch = state.step - epoch * n_batches
+            bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                       dynamic_ncols=True, disable=not procs.main)
+            for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard):
+                # train
+                lr = lr_schedule.set_step(state.step)
+                t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
+                torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
+                grad_norm, losses, bad = train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler,
+                                                    cfg.grad_clip, procs)
+                ema.update(model, state.step)
+                state.step += 1
+                meter.add(grad_norm, losses, t, bad)
+                bar.update(1)
+                # log
+                if state.step % cfg.log_every == 0 or state.step == total_steps:
+                    row = meter.row(state.step, lr, cfg.batch_size, n_batches, state.session,
+                                    end_interval=state.step % cfg.log_every == 0)
+                    if procs.main:
+                        log.write(**row)
+                        board.scalars("train", row, state.step)
+                    bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
+                                    eta_total=meter.eta(state.step, total_steps))
+                # stop early? Under DDP all ranks must agree, so they decide together every few steps.
+                if state.step % check_every == 0 or procs.world == 1:
+                    if state.step % check_every == 0 and procs.any(meter.bad_streak() >= cfg.max_bad_steps, device):
+                        stopped = "bad"
+                    elif procs.any(signals.received is not None, device):
+                        stopped = signals.received or signal.SIGTERM
+                if stopped or state.step >= total_steps:
+                    break
+                if procs.main and saver.due(state.step):
+                    saver.save(state.step // n_batches, "latest.pt")
+            bar.close()
+            if stopped:
                 break
-        bar.close()
-        finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
-        if procs.main:
-            # evaluate
-            improved, stop = evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion,
-                                            log, board, meter, n_batches, epoch_done, finished)
-            finished = finished or stop
-            # sample
-            if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
-                preview, grid = write_preview(paths, ema_forward, diffusion, preview_noise, cfg.preview_steps,
-                                              epoch_done)
-                board.image("preview", grid, state.step)
-                tqdm.write(f"preview: {preview}")
-            # save
-            save = lambda name=None: save_training_checkpoint(  # noqa: E731
-                paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch_done, name)
-            state.elapsed_s = meter.elapsed()
-            if epoch_done % cfg.save_every == 0 or finished:
-                last_saved = save()
-                tqdm.write(f"checkpoint: {last_saved}")
-            if improved:
-                save("best.pt")
-        finished = procs.any(finished, device)  # early stopping is rank 0's decision
-        meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
-        if finished:
-            break
-    if log is not None:
-        log.close()
-    board.close()
-    procs.barrier()
-    return last_saved
+            finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
+            if procs.main:
+                # evaluate
+                improved, stop = evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion,
+                                                log, board, meter, n_batches, epoch_done, finished)
+                finished = finished or stop
+                # sample
+                if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
+                    preview, grid = write_preview(paths, ema_forward, diffusion, preview_noise, cfg.preview_steps,
+                                                  epoch_done)
+                    board.image("preview", grid, state.step)
+                    tqdm.write(f"preview: {preview}")
+                # save
+                if epoch_done % cfg.save_every == 0 or finished:
+                    saver.save(epoch_done)
+                if improved:
+                    saver.save(epoch_done, "best.pt")
+            finished = procs.any(finished, device)  # early stopping is rank 0's decision
+            meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
+            if finished:
+                break
+            if procs.any(signals.received is not None, device):  # a signal during the epoch's evaluation
+                stopped = signals.received or signal.SIGTERM
+                break
+        if log is not None:
+            log.close()
+        if stopped and procs.main:
+            if saver.last_step != state.step:
+                saver.save(state.step // n_batches, "latest.pt")
+        procs.barrier()
+    if stopped:
+        raise stop_message(stopped, saver, cfg, procs)
+    return saver.last_path
+
+
+class Stopped(Exception):
+    """The run stopped early on purpose (a signal, or non-finite steps): a message and an exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def resume_command(checkpoint, procs):
+    launcher = f" --num_gpus {procs.world}" if procs.world > 1 else ""
+    return f"python {Path(sys.argv[0]).name or 'train_ddpm.py'} --mode train --resume {checkpoint}{launcher}"
+
+
+def stop_message(stopped, saver, cfg, procs):
+    saved = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
+    resume = f"resume with: {resume_command(saved, procs)}" if saved else "no checkpoint was written"
+    if stopped == "bad":
+        return Stopped(f"stopped: {cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were "
+                       f"skipped, so the weights are the last good ones ({saved}); likely causes: a learning rate "
+                       f"too high (--learning_rate {cfg.learning_rate:g}), fp16 overflow (use --amp bf16 or off), "
+                       f"no gradient clipping, or broken input images; {resume} and changed flags", 1)
+    name = signal.Signals(stopped).name
+    return Stopped(f"{name}: stopped at step {saver.state.step} and saved; {resume}", 128 + stopped)
+
+
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM while training: the first lets the step finish and the run save
+    (see received); a second one quits at once, and the atomic writes leave every file whole."""
+
+    def __init__(self, announce=True):
+        self.received, self.announce, self.previous = None, announce, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *error):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise Stopped(f"{signal.Signals(signum).name} again: quit at once; the files written so far are "
+                          f"whole (the newest checkpoint is in latest.pt)", 128 + signum)
+        self.received = signum
+        if self.announce:
+            tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving "
+                       f"(Ctrl-C again quits at once)", file=sys.stderr)
+
+
+class Saver:
+    """Writes the training state: epoch checkpoints, latest.pt every --save_every_steps steps or
+    --save_every_minutes, best.pt. A save that would not fit on the disk is skipped with a warning,
+    keeping the previous file (the writes are atomic, so a full disk never leaves a partial one)."""
+
+    def __init__(self, paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, meter):
+        self.paths, self.cfg, self.state, self.meter = paths, cfg, state, meter
+        self.parts = (model, ema, optimizer, lr_schedule, scaler)
+        self.last_path, self.last_step, self.last_time = None, None, time.monotonic()
+
+    def due(self, step):
+        by_steps = self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0
+        by_time = self.cfg.save_every_minutes and time.monotonic() - self.last_time >= 60 * self.cfg.save_every_minutes
+        return bool(by_steps or by_time)
+
+    def save(self, epoch, name=None):
+        start = time.perf_counter()
+        self.state.elapsed_s = self.meter.elapsed()
+        ckpt = training_checkpoint(self.cfg, *self.parts, self.state, epoch, self.meter)
+        path = self.paths.checkpoints / (name or checkpoint_name(self.cfg.timesteps, epoch))
+        need, free = checkpoint_bytes(ckpt), shutil.disk_usage(self.paths.checkpoints).free
+        if free < need + 64 * 2 ** 20:
+            tqdm.write(f"warning: not saving {path.name}: it needs {need / 2 ** 20:.0f} MB and the disk has "
+                       f"{free / 2 ** 20:.0f} MB free; free some space (the previous checkpoint is kept)",
+                       file=sys.stderr)
+            return None
+        try:
+            write_training_checkpoint(ckpt, path, self.cfg.keep_last, epoch_file=name is None)
+        except OSError as e:
+            tqdm.write(f"warning: could not save {path} ({e.strerror or e}); the previous checkpoint is kept",
+                       file=sys.stderr)
+            return None
+        if name != "best.pt":
+            self.last_path, self.last_step, self.last_time = path, self.state.step, time.monotonic()
+            if name is None:
+                tqdm.write(f"checkpoint: {path}")
+        self.meter.pause(time.perf_counter() - start)
+        return path
+
+
+class RunLock:
+    """checkpoints/<run>/.lock holds the pid of the process writing the run, so that a second
+    process (a new run or a resume) cannot write into it at the same time. A lock whose process
+    is gone (killed, crashed) is stale and taken over."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        mine = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S")))
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._refuse_unless_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(mine + "\n")
+            for leftover in self.path.parent.glob(".*.tmp*"):  # temporary files of a writer killed mid-write
+                leftover.unlink(missing_ok=True)
+            return
+
+    def _refuse_unless_stale(self):
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            owner = {}  # unreadable: a crash while writing it
+        if owner.get("host") not in (None, socket.gethostname()):
+            raise UserError(f"{self.path.parent} is in use by pid {owner.get('pid')} on {owner['host']}; if no "
+                            f"run is writing there any more, delete {self.path}")
+        if owner.get("pid") and owner["pid"] != os.getpid() and _process_alive(owner["pid"]):
+            raise UserError(f"{self.path.parent} is in use by another training process (pid {owner['pid']}, "
+                            f"started {owner.get('started', '?')}); wait for it or stop it, or use another --run_name")
+        print(f"note: taking over the stale lock of pid {owner.get('pid', '?')} (no longer running)")
+        self.path.unlink(missing_ok=True)
+
+    def release(self):
+        self.path.unlink(missing_ok=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
 
 
 def evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion, log, board, meter,
@@ -1948,7 +2262,20 @@ def run_sample(args):
         raise UserError("--num_samples must be at least 1")
     path = resolve_checkpoint_path(args.checkpoint)
     ckpt = read_checkpoint(path)
+    if args.export_safetensors:
+        out = Path(args.export_safetensors)
+        if out.suffix != ".safetensors":
+            raise UserError(f"--export_safetensors {out} must end in .safetensors")
+        check_writable_folder(out.parent, "--export_safetensors")
+        if out.exists():
+            raise UserError(f"{out} already exists; choose another file name")
+        export_safetensors(ckpt, out, use_ema=not args.no_ema)
+        print(f"wrote {out} ({'EMA' if not args.no_ema and 'ema' in ckpt else 'raw'} weights and the config); "
+              f"sample from it with --checkpoint {out}")
+        return
     steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
+    if args.out:
+        check_writable_folder(args.out, "--out")
     device, procs = init_processes(args.device or "auto")
     model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
     seed = cfg.seed if args.seed is None else args.seed
@@ -2111,6 +2438,10 @@ def build_parser():
                         help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")
     sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     sample.add_argument("--out", help="output folder (default samples/<run>/)")
+    sample.add_argument("--export_safetensors", metavar="FILE",
+                        help="write the checkpoint's sampling weights (EMA unless --no_ema) and config to a "
+                             ".safetensors file (pip install safetensors) instead of sampling; --checkpoint "
+                             "reads such files too")
     evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
     evaluate.add_argument("--eval_npz", metavar="FILE", help="score the uint8 (N, H, W, 3) images in this .npz "
                                                              "instead of generating")
@@ -2144,6 +2475,8 @@ def resume_config(args, explicit):
     else:
         path = resolve_checkpoint_path(args.resume)
     ckpt = read_checkpoint(path)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{path} holds sampling weights only; resume from a .pt training checkpoint")
     saved = config_from_dict(ckpt["config"])
     for name, value in explicit.items():
         if name not in RESUME_MAY_CHANGE and value != getattr(saved, name):
@@ -2238,6 +2571,8 @@ def resolve_train_config(args):
     if not cfg.run_name:
         cfg = dataclasses.replace(cfg, run_name=default_run_name(cfg))
     validate_config(cfg)
+    check_writable_folder(Path(cfg.checkpoint_dir) / cfg.run_name, "--checkpoint_dir")
+    check_writable_folder(Path(cfg.samples_dir) / cfg.run_name, "--samples_dir")
     return cfg, ckpt
 
 
@@ -2299,6 +2634,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

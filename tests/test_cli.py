@@ -38,7 +38,7 @@ STEPS_PER_EPOCH = 5 * IMAGES_PER_BATCH_FILE // 16
 TINY = ["--preset", "quick_test", "--train_subset", "0", "--batch_size", "16", "--log_every", "2",
         "--preview_steps", "5", "--num_preview", "4", "--base_channels", "16", "--timesteps", "20",
         "--beta_start", "0.005", "--beta_end", "0.999", "--warmup_steps", "2"]
-LOSS_LOG_HEADER = ("step,epoch,loss,loss_q0,loss_q1,loss_q2,loss_q3,lr,grad_norm,images_per_s,elapsed_s,"
+LOSS_LOG_HEADER = ("step,epoch,loss,loss_q0,loss_q1,loss_q2,loss_q3,lr,grad_norm,bad_steps,images_per_s,elapsed_s,"
                    "session,val_loss,fid")
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "loss_log_step"}
 # No run may reach the internet: a refused proxy makes a CIFAR-10 download fail at once.
@@ -534,6 +534,37 @@ def _one_image(trained, tmp_path):
     return "imgs"
 
 
+def _a_file(trained, tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    return "afile"
+
+
+def _real_checkpoint_and_a_file(trained, tmp_path):
+    _real_checkpoint(trained, tmp_path)
+    return _a_file(trained, tmp_path)
+
+
+def _exported_safetensors(trained, tmp_path):
+    pytest.importorskip("safetensors")
+    assert_ok(run_cli("--mode", "sample", "--checkpoint", trained.run_dir / "latest.pt", "--export_safetensors",
+                      tmp_path / "weights.safetensors", cwd=tmp_path))
+    return "weights.safetensors"
+
+
+def _garbage_safetensors(trained, tmp_path):
+    pytest.importorskip("safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    return "garbage.safetensors"
+
+
+def _run_locked_by_a_live_process(trained, tmp_path):
+    run_dir = copy_run(trained, tmp_path)
+    # The lock of a process that is alive (this test's own), as a run in progress leaves it.
+    (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(),
+                                               "started": "earlier"}))
+    return f"checkpoints/{RUN}"
+
+
 BAD_INPUTS = [
     # id, setup (returns a path the arguments use as {p}), arguments, fragments of the message
     ("unknown-preset", None, ["--preset", "nope"],
@@ -568,6 +599,28 @@ BAD_INPUTS = [
      ["--preview_steps"]),
     ("zero-epochs", None, ["--preset", "quick_test", "--epochs", "0"], ["--epochs"]),
     ("channel-mults-not-integers", None, ["--preset", "quick_test", "--channel_mults", "1,x"], ["--channel_mults"]),
+    ("one-timestep", None, ["--preset", "quick_test", "--timesteps", "1"], ["--timesteps"]),
+    ("beta-end-of-one", None, ["--preset", "quick_test", "--beta_end", "1.0"], ["--beta_end"]),
+    ("zero-batch-size", None, ["--preset", "quick_test", "--batch_size", "0"], ["--batch_size"]),
+    ("negative-seed", None, ["--preset", "quick_test", "--seed", "-1"], ["--seed"]),
+    ("dropout-of-one", None, ["--preset", "quick_test", "--dropout", "1"], ["--dropout"]),
+    ("negative-save-every-steps", None, ["--preset", "quick_test", "--save_every_steps", "-5"], ["--save_every_steps"]),
+    ("zero-max-bad-steps", None, ["--preset", "quick_test", "--max_bad_steps", "0"], ["--max_bad_steps"]),
+    ("unknown-amp", None, ["--preset", "quick_test", "--amp", "fp8"], ["--amp"]),
+    ("checkpoint-dir-inside-a-file", _a_file, ["--preset", "quick_test", "--checkpoint_dir", "{p}/runs"],
+     ["--checkpoint_dir", "is a file"]),
+    ("sample-out-inside-a-file", _real_checkpoint_and_a_file,
+     ["--mode", "sample", "--checkpoint", "real.pt", "--out", "{p}/out"], ["--out", "is a file"]),
+    ("sample-negative-eta", _real_checkpoint, ["--mode", "sample", "--checkpoint", "{p}", "--eta", "-1"], ["--eta"]),
+    ("export-safetensors-wrong-suffix", _real_checkpoint,
+     ["--mode", "sample", "--checkpoint", "{p}", "--export_safetensors", "weights.pt"], [".safetensors"]),
+    ("resume-from-weights-only-safetensors", _exported_safetensors, ["--resume", "{p}", "--epochs", "3"],
+     ["sampling weights only"]),
+    ("sample-corrupt-safetensors", _garbage_safetensors, ["--mode", "sample", "--checkpoint", "{p}"],
+     ["garbage.safetensors"]),
+    ("resume-a-run-another-process-is-writing", _run_locked_by_a_live_process,
+     ["--resume", "{p}/latest.pt", "--epochs", "3"], ["in use by another training process", f"pid {os.getpid()}"]),
+    ("num-gpus-zero", None, ["--preset", "quick_test", "--num_gpus", "0"], ["--num_gpus"]),
 ]
 
 

@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_ddpm as td
-from test_cli import (OFFLINE, SCRIPT, TINY, assert_ok, cifar_dir, describe, load_ckpt, read_loss_log,  # noqa: F401
-                      run_cli, assert_one_line_error)
+from test_cli import OFFLINE, SCRIPT, TINY, assert_ok, assert_one_line_error, load_ckpt, read_loss_log, run_cli
+from test_cli import cifar_dir  # noqa: F401  (a fixture)
 
 BF16_CPU = td.cpu_has_native_bf16()
 
