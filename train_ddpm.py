@@ -38,7 +38,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -1952,18 +1952,44 @@ def train(cfg, resume_from=None):
     board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
     lock = RunLock(paths.checkpoints) if procs.main else None
+    run = Run(cfg, paths, procs, device, images, n_batches, total_steps, model, forward, ema, ema_forward, diffusion,
+              optimizer, lr_schedule, scaler, state, validator, fid_during_training, board)
     try:
-        return _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model, forward, ema,
-                           ema_forward, diffusion, optimizer, lr_schedule, scaler, state, validator,
-                           fid_during_training, board, resume_from)
+        return run_epochs(run, resume_from)
     finally:
         board.close()
         if lock is not None:
             lock.release()
 
 
-def _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model, forward, ema, ema_forward,
-                diffusion, optimizer, lr_schedule, scaler, state, validator, fid_during_training, board, resume_from):
+@dataclass
+class Run:
+    """What a training run works with: built by train(), driven by run_epochs()."""
+    cfg: Config
+    paths: RunPaths
+    procs: Processes
+    device: torch.device
+    images: torch.Tensor      # uint8 (N, 3, S, S), on the device
+    n_batches: int            # steps per epoch
+    total_steps: int
+    model: nn.Module          # the UNet: parameters and state dict
+    forward: nn.Module        # how the step calls it: autocast, DDP, compile
+    ema: EMA
+    ema_forward: nn.Module
+    diffusion: GaussianDiffusion
+    optimizer: torch.optim.Optimizer
+    lr_schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    validator: Optional[Validator]
+    fid_during_training: Optional[FidDuringTraining]
+    board: Board
+
+
+def run_epochs(run, resume_from=None):
+    """The training loop: steps, log rows, epoch-end evaluation, previews and saves, early stops."""
+    cfg, paths, procs, device, state, model, ema = run.cfg, run.paths, run.procs, run.device, run.state, run.model, run.ema
+    n_batches, total_steps, diffusion, board = run.n_batches, run.total_steps, run.diffusion, run.board
     meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps, procs)
     if resume_from is not None and resume_from.get("meter") and procs.main:
         meter.load_state_dict(resume_from["meter"])  # the other ranks' part of that interval is not saved
@@ -1973,7 +1999,7 @@ def _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model
         atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
         log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None,
                       interval_step=meter.interval_step)
-    saver = Saver(paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, meter)
+    saver = Saver(paths, cfg, model, ema, run.optimizer, run.lr_schedule, run.scaler, state, meter)
     # The same noise for every preview, so grids from different epochs are comparable.
     preview_noise = torch.randn((cfg.num_preview, 3, cfg.image_size, cfg.image_size),
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
@@ -1989,13 +2015,13 @@ def _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model
             start_batch = state.step - epoch * n_batches
             bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                        dynamic_ncols=True, disable=not procs.main)
-            for x_start in epoch_batches(images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard):
+            for x_start in epoch_batches(run.images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard):
                 # train
-                lr = lr_schedule.set_step(state.step)
+                lr = run.lr_schedule.set_step(state.step)
                 t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
                 torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
-                grad_norm, losses, bad = train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler,
-                                                    cfg.grad_clip, procs)
+                grad_norm, losses, bad = train_step(run.forward, model, diffusion, x_start, t, noise, run.optimizer,
+                                                    run.scaler, cfg.grad_clip, procs)
                 ema.update(model, state.step)
                 state.step += 1
                 meter.add(grad_norm, losses, t, bad)
@@ -2025,12 +2051,12 @@ def _train_loop(cfg, paths, procs, device, images, n_batches, total_steps, model
             finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
             if procs.main:
                 # evaluate
-                improved, stop = evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion,
-                                                log, board, meter, n_batches, epoch_done, finished)
+                improved, stop = evaluate_epoch(cfg, state, run.validator, run.fid_during_training, run.ema_forward,
+                                                diffusion, log, board, meter, n_batches, epoch_done, finished)
                 finished = finished or stop
                 # sample
                 if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
-                    preview, grid = write_preview(paths, ema_forward, diffusion, preview_noise, cfg.preview_steps,
+                    preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise, cfg.preview_steps,
                                                   epoch_done)
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")

@@ -15,12 +15,14 @@ import argparse
 import datetime
 import gc
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,10 +59,11 @@ PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 98
 
 
 def flops_per_image(cfg, batch=2):
-    """FLOPs of one fp32 training step (forward + backward) of our UNet, per image."""
+    """FLOPs of one fp32 training step (forward + backward) of our UNet, per image. Attention runs on
+    its math backend here, as FlopCounterMode has no formula for the CPU's fused kernel."""
     model, diffusion = td.build_model(cfg), td.build_diffusion(cfg)
     x = torch.randn(batch, 3, cfg.image_size, cfg.image_size)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         diffusion.loss(model, x).backward()
     return counter.get_total_flops() / batch
 
@@ -145,6 +148,47 @@ def build_diffusers(cfg, device, diffusion):
         return predict(x, t)
 
     return sum(p.numel() for p in model.parameters()), step, evaluate
+
+
+def build_row(key, batch, device):
+    """One row's (params, train(i), evaluate()) on a fixed batch, t and noise."""
+    _, network, overrides = ROWS[key]
+    cfg = td.preset_config("ddpm_paper", overrides)
+    diffusion = td.build_diffusion(cfg).to(device)
+    torch.manual_seed(SEED)
+    params, step, evaluate = (build_ours if network == "ours" else build_diffusers)(cfg, device, diffusion)
+    torch.manual_seed(SEED)  # again: the two inits draw differently, the batch, t and noise must not
+    x0 = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+    noise = torch.randn_like(x0)
+    return params, (lambda i: step(x0, t, noise, i)), (lambda: evaluate(noise, t))
+
+
+def measure_interleaved(keys, batch, args, device):
+    """Time every row's training step, then its forward pass, one call of each row in turn, round
+    after round, and keep each row's median: a shared machine's slow spells then hit all rows alike
+    instead of whichever row was running. All rows' models are alive at once."""
+    rows = {key: build_row(key, batch, device) for key in keys}
+    results = {key: dict(key=key, params=rows[key][0], batch=batch, memory=None) for key in keys}
+    for phase in ("step_s", "eval_s"):
+        times = {key: [] for key in keys}
+        for i in range(args.warmup + args.steps):
+            for key in keys:
+                print(f"  {phase} round {i + 1}: {key}", file=sys.stderr, flush=True)
+                _, train, evaluate = rows[key]
+                start = time.perf_counter()
+                if phase == "step_s":
+                    train(i)
+                else:
+                    with torch.no_grad():
+                        evaluate()
+                sync(device)
+                times[key].append(time.perf_counter() - start)
+        for key in keys:
+            results[key][phase] = statistics.median(times[key][args.warmup:])
+    for r in results.values():
+        r["train"], r["sample"] = batch / r["step_s"], batch / r["eval_s"]
+    return results
 
 
 def measure(key, batch, args, device):
@@ -241,11 +285,13 @@ def main():
         keys.remove("diffusers_bf16")
         notes.append("diffusers bf16 row skipped: no native bf16 on this device")
 
-    results, extra = {}, []
-    for key in keys:
-        print(f"measuring {key} at batch {args.batch}", file=sys.stderr, flush=True)
-        results[key] = measure(key, args.batch, args, device)
-        free(device)
+    extra = []
+    results = measure_interleaved(keys, args.batch, args, device)
+    if device.type == "cuda":  # peak memory needs each row alone
+        for key in keys:
+            results[key]["memory"] = measure(key, args.batch, args, device)["memory"]
+            free(device)
+    free(device)
     if args.largest_batch:
         for key in ("ours", "diffusers"):
             print(f"largest batch for {key}", file=sys.stderr, flush=True)
@@ -258,7 +304,7 @@ def main():
           f"| {datetime.date.today()}")
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"UNet: {counts.pop():,} parameters; {flops / 1e9:.1f} GFLOP per image per training step (fwd+bwd, "
-          f"FlopCounterMode); {args.steps} timed steps after {args.warmup} warm-up"
+          f"FlopCounterMode); median of {args.steps} timed steps after {args.warmup} warm-up, rows interleaved"
           + ("; TF32 and cudnn.benchmark on for every row" if device.type == "cuda" else "")
           + (f"; MFU against {peak / 1e12:.0f} TFLOP/s for every row" if peak else "") + "\n")
     print("| row | batch | train images/s | step ms | peak GPU memory | MFU | sampling images·evals/s |")

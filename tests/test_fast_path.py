@@ -12,7 +12,9 @@ import torch
 
 import train_ddpm as td
 from test_cli import OFFLINE, SCRIPT, TINY, assert_ok, assert_one_line_error, load_ckpt, read_loss_log, run_cli
-from test_cli import cifar_dir  # noqa: F401  (a fixture)
+import test_cli
+
+cifar_dir = test_cli.cifar_dir  # fixtures shared with test_cli
 
 BF16_CPU = td.cpu_has_native_bf16()
 

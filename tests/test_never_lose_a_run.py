@@ -15,7 +15,9 @@ import torch
 
 import train_ddpm as td
 from test_cli import OFFLINE, RUN, SCRIPT, TINY, assert_ok, describe, load_ckpt, read_loss_log, run_cli
-from test_cli import cifar_dir, trained  # noqa: F401  (fixtures)
+import test_cli
+
+cifar_dir, trained = test_cli.cifar_dir, test_cli.trained  # fixtures shared with test_cli
 
 # Long enough to be interrupted: 5 steps per epoch on the 80 test images, no previews or validation.
 LONG = [*TINY, "--sample_every", "0", "--val_size", "0", "--epochs", "400", "--save_every", "1000"]

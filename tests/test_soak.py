@@ -12,7 +12,9 @@ import time
 import pytest
 
 from test_cli import RUN, TINY, assert_ok, load_ckpt, read_loss_log, run_cli
-from test_cli import cifar_dir  # noqa: F401  (a fixture)
+import test_cli
+
+cifar_dir = test_cli.cifar_dir  # fixtures shared with test_cli
 from test_never_lose_a_run import assert_whole_run_folder, same_tensors, start
 
 pytestmark = pytest.mark.skipif(not os.environ.get("SOAK"), reason="soak test: set SOAK=1 to run it (minutes)")
