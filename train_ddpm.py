@@ -29,7 +29,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -592,7 +591,8 @@ def autocast_dtype(amp, device):
     """The dtype the UNet computes in for --amp (None: fp32). auto is bf16 where the hardware runs
     it natively (GPUs since Ampere, CPUs with AVX512-BF16/AMX) and fp32 elsewhere."""
     if amp == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+        # is_bf16_supported() also says yes where bf16 is only emulated (V100, T4): ask for Ampere.
+        native = torch.cuda.get_device_capability(device) >= (8, 0) if device.type == "cuda" else cpu_has_native_bf16()
         return torch.bfloat16 if native else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
@@ -1090,7 +1090,7 @@ class LossLog:
         if resume_step is not None and self.path.exists():
             last = resume_step if interval_step is None else interval_step
             self._rewrite([row for row in self._rows_up_to(resume_step)
-                           if int(row["step"]) <= last or not row.get("loss")])
+                           if int(row["step"]) <= last or not row.get("lr")])  # eval rows have no lr
         else:
             self._rewrite([])
         self.file = open(self.path, "a", newline="")
@@ -1731,13 +1731,21 @@ def write_training_checkpoint(ckpt, path, keep_last=0, epoch_file=True):
         prune_checkpoints(path.parent, keep_last)
 
 
+def with_kernel_of(optimizer, saved):
+    """A saved optimizer state with this optimizer's kernel flags (fused, foreach): load_state_dict
+    would otherwise take them from the file, and --fused_adamw may change on resume."""
+    groups = [{**group, **{k: now[k] for k in ("fused", "foreach") if k in now}}
+              for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
+
+
 def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num_images):
     if ckpt.get("num_images") != num_images:
         raise UserError(f"the training set has {num_images} images but the checkpoint was trained on "
                         f"{ckpt.get('num_images')}; resume with the same data")
     model.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    optimizer.load_state_dict(with_kernel_of(optimizer, ckpt["optimizer"]))
     lr_schedule.load_state_dict(ckpt["scheduler"])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -1755,6 +1763,7 @@ class Meter:
         self.device, self.elapsed_before, self.num_timesteps, self.procs = device, elapsed_before, num_timesteps, procs
         self.session_start, self.session_start_step = time.perf_counter(), step
         self.consecutive_bad = torch.zeros((), device=device)
+        self.worst_streak = torch.zeros((), device=device)  # since the last bad_streak() call
         self._start_interval(step, self.session_start)
 
     def _start_interval(self, step, now):
@@ -1771,10 +1780,14 @@ class Meter:
         self.sums[8] += torch.where(good, grad_norm.float(), 0.0)
         self.sums[9] += bad.float()
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
+        self.worst_streak = torch.maximum(self.worst_streak, self.consecutive_bad)
 
     def bad_streak(self):
-        """Consecutive skipped steps up to now (a host sync: called every few steps only)."""
-        return int(self.consecutive_bad.item())
+        """The longest run of consecutive skipped steps since the last call (a host sync: called
+        every few steps only)."""
+        worst = int(self.worst_streak.item())
+        self.worst_streak.zero_()
+        return worst
 
     def state_dict(self):
         """The unfinished log interval, so a resumed run writes the row an uninterrupted one would."""
@@ -1914,7 +1927,14 @@ def train(cfg, resume_from=None):
         raise UserError(f"--batch_size {cfg.batch_size} must be a multiple of the {procs.world} processes")
     set_fast_math(cfg.tf32)
     torch.manual_seed(cfg.seed)
+    if not procs.main:
+        procs.barrier()  # rank 0 downloads CIFAR-10 first, alone
     images, val_images = load_dataset(cfg)
+    if procs.main:
+        procs.barrier()
+    if len(images) < cfg.batch_size:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the {len(images)} training images; "
+                        f"use --batch_size {len(images)} or less")
     images = images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
     n_batches = steps_per_epoch(len(images), cfg.batch_size)
     channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
@@ -1927,9 +1947,11 @@ def train(cfg, resume_from=None):
     state = TrainState(num_images=len(images))
     if resume_from is not None:
         state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, scaler, len(images))
-    net = torch.compile(model) if cfg.compile else model
+    net = model
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)  # outside DDP, so its optimizer can overlap gradient buckets with the backward
     forward, ema_forward = (Precision(m, device, amp_dtype, channels_last) for m in (net, ema.model))
     validator = None
     if val_images is not None and procs.main:
@@ -2010,7 +2032,7 @@ def run_epochs(run, resume_from=None):
 
     model.train()
     stopped = None  # why the run stops early: a signal number, or "bad" for non-finite steps
-    with GracefulStop(procs.main) as signals:
+    with GracefulStop() as signals:
         for epoch in range(state.step // n_batches, cfg.epochs):
             start_batch = state.step - epoch * n_batches
             bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
@@ -2036,51 +2058,63 @@ def run_epochs(run, resume_from=None):
                     bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
                                     eta_total=meter.eta(state.step, total_steps))
                 # stop early? Under DDP all ranks must agree, so they decide together every few steps.
-                if state.step % check_every == 0 or procs.world == 1:
-                    if state.step % check_every == 0 and procs.any(meter.bad_streak() >= cfg.max_bad_steps, device):
-                        stopped = "bad"
-                    elif procs.any(signals.received is not None, device):
-                        stopped = signals.received or signal.SIGTERM
+                if state.step % check_every == 0 and procs.any(meter.bad_streak() >= cfg.max_bad_steps, device):
+                    stopped = "bad"
+                elif state.step % check_every == 0 or procs.world == 1:
+                    stopped = agreed_signal(signals, procs, device)
                 if stopped or state.step >= total_steps:
                     break
                 if procs.main and saver.due(state.step):
                     saver.save(state.step // n_batches, "latest.pt")
             bar.close()
-            if stopped:
-                break
+            if stopped == "bad" or (stopped and state.step % n_batches):
+                break  # mid-epoch: straight to the save below
             finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
             if procs.main:
-                # evaluate
-                improved, stop = evaluate_epoch(cfg, state, run.validator, run.fid_during_training, run.ema_forward,
-                                                diffusion, log, board, meter, n_batches, epoch_done, finished)
-                finished = finished or stop
-                # sample
-                if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished):
+                # evaluate and sample, unless a signal waits: then save at once, before a scheduler's SIGKILL
+                improved = False
+                if not (stopped or signals.received):
+                    improved, stop = evaluate_epoch(cfg, state, run.validator, run.fid_during_training,
+                                                    run.ema_forward, diffusion, log, board, meter, n_batches,
+                                                    epoch_done, finished)
+                    finished = finished or stop
+                if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished) and not signals.received:
                     preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise, cfg.preview_steps,
                                                   epoch_done)
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")
                 # save
-                if epoch_done % cfg.save_every == 0 or finished:
+                if epoch_done % cfg.save_every == 0 or finished or signals.received:
                     saver.save(epoch_done)
                 if improved:
                     saver.save(epoch_done, "best.pt")
             finished = procs.any(finished, device)  # early stopping is rank 0's decision
             meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
             if finished:
+                stopped = None  # complete and saved: a late signal changes nothing
                 break
-            if procs.any(signals.received is not None, device):  # a signal during the epoch's evaluation
-                stopped = signals.received or signal.SIGTERM
+            stopped = stopped or agreed_signal(signals, procs, device)
+            if stopped:
                 break
         if log is not None:
             log.close()
-        if stopped and procs.main:
-            if saver.last_step != state.step:
-                saver.save(state.step // n_batches, "latest.pt")
+        if stopped and procs.main and saver.last_step != state.step:
+            saver.save(state.step // n_batches, "latest.pt")
         procs.barrier()
     if stopped:
         raise stop_message(stopped, saver, cfg, procs)
     return saver.last_path
+
+
+def agreed_signal(signals, procs, device):
+    """The signal received (by any rank: all must stop at the same step), or None."""
+    if not procs.any(signals.received is not None, device):
+        return None
+    received = signals.received or signal.SIGTERM
+    if procs.main:
+        tqdm.write(f"{signal.Signals(received).name}: saving, then stopping (Ctrl-C again quits at once)",
+                   file=sys.stderr)
+    return received
 
 
 class Stopped(Exception):
@@ -2099,21 +2133,25 @@ def resume_command(checkpoint, procs):
 def stop_message(stopped, saver, cfg, procs):
     saved = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
     resume = f"resume with: {resume_command(saved, procs)}" if saved else "no checkpoint was written"
+    if saver.last_step != saver.state.step:
+        resume = f"the last save failed (see the warning); {resume}"
     if stopped == "bad":
         return Stopped(f"stopped: {cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were "
                        f"skipped, so the weights are the last good ones ({saved}); likely causes: a learning rate "
                        f"too high (--learning_rate {cfg.learning_rate:g}), fp16 overflow (use --amp bf16 or off), "
                        f"no gradient clipping, or broken input images; {resume} and changed flags", 1)
     name = signal.Signals(stopped).name
-    return Stopped(f"{name}: stopped at step {saver.state.step} and saved; {resume}", 128 + stopped)
+    saved = "saved" if saver.last_step == saver.state.step else "not saved"
+    return Stopped(f"{name}: stopped at step {saver.state.step} and {saved}; {resume}", 128 + stopped)
 
 
 class GracefulStop:
     """SIGINT (Ctrl-C) and SIGTERM while training: the first lets the step finish and the run save
-    (see received); a second one quits at once, and the atomic writes leave every file whole."""
+    (see received); a second one quits at once, and the atomic writes leave every file whole. The
+    handler only records: printing from it could land inside another write to the terminal."""
 
-    def __init__(self, announce=True):
-        self.received, self.announce, self.previous = None, announce, {}
+    def __init__(self):
+        self.received, self.previous = None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -2130,9 +2168,6 @@ class GracefulStop:
             raise Stopped(f"{signal.Signals(signum).name} again: quit at once; the files written so far are "
                           f"whole (the newest checkpoint is in latest.pt)", 128 + signum)
         self.received = signum
-        if self.announce:
-            tqdm.write(f"{signal.Signals(signum).name}: finishing this step, then saving "
-                       f"(Ctrl-C again quits at once)", file=sys.stderr)
 
 
 class Saver:
@@ -2184,17 +2219,32 @@ class RunLock:
         self.path = Path(folder) / ".lock"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         mine = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S")))
-        while True:
+        tmp = self.path.with_name(f".lock.tmp-{os.getpid()}")
+        tmp.write_text(mine + "\n")
+        try:
+            while not self._link_into_place(tmp):
+                self._refuse_unless_stale()
+        finally:
+            tmp.unlink(missing_ok=True)
+        for leftover in self.path.parent.glob(".*.tmp*"):  # temporary files of a writer killed mid-write
+            if not leftover.name.startswith(".lock."):  # (another starter's lock, on its way in, is not)
+                leftover.unlink(missing_ok=True)
+
+    def _link_into_place(self, tmp):
+        """Create the lock with its contents in one step (a hard link), so nobody reads it half-written;
+        False when there is one already."""
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: exclusive create, then write
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                self._refuse_unless_stale()
-                continue
+                return False
             with os.fdopen(fd, "w") as f:
-                f.write(mine + "\n")
-            for leftover in self.path.parent.glob(".*.tmp*"):  # temporary files of a writer killed mid-write
-                leftover.unlink(missing_ok=True)
-            return
+                f.write(tmp.read_text())
+        return True
 
     def _refuse_unless_stale(self):
         try:
@@ -2288,7 +2338,7 @@ def run_sample(args):
         raise UserError("--num_samples must be at least 1")
     path = resolve_checkpoint_path(args.checkpoint)
     ckpt = read_checkpoint(path)
-    if args.export_safetensors:
+    if args.export_safetensors and torchrun_processes().main:
         out = Path(args.export_safetensors)
         if out.suffix != ".safetensors":
             raise UserError(f"--export_safetensors {out} must end in .safetensors")
@@ -2298,6 +2348,7 @@ def run_sample(args):
         export_safetensors(ckpt, out, use_ema=not args.no_ema)
         print(f"wrote {out} ({'EMA' if not args.no_ema and 'ema' in ckpt else 'raw'} weights and the config); "
               f"sample from it with --checkpoint {out}")
+    if args.export_safetensors:
         return
     steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
     if args.out:
@@ -2590,7 +2641,7 @@ def resolve_train_config(args):
     explicit = explicit_config(args)
     if args.resume:
         cfg, ckpt = resume_config(args, explicit)
-    elif "preset" not in explicit and sys.stdin.isatty():
+    elif "preset" not in explicit and sys.stdin.isatty() and torchrun_processes().world == 1:
         cfg, ckpt = interactive_config(explicit), None
     else:
         cfg, ckpt = preset_config(explicit.get("preset", DEFAULT_PRESET), explicit), None
@@ -2623,7 +2674,7 @@ def launch_processes(args, argv):
                str(Path(__file__).resolve()), *argv, *extra]
     print(f"launching {args.num_gpus} processes with torchrun --standalone --nproc_per_node={args.num_gpus}",
           flush=True)
-    return subprocess.run(command).returncode
+    os.execv(sys.executable, command)  # torchrun takes this process over: Ctrl-C and SIGTERM reach it
 
 
 def main(argv=None):
@@ -2666,6 +2717,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

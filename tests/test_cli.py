@@ -534,6 +534,11 @@ def _one_image(trained, tmp_path):
     return "imgs"
 
 
+def _small_cifar(trained, tmp_path):
+    write_cifar_pickles(tmp_path / "cifar")  # 80 images
+    return "cifar"
+
+
 def _a_file(trained, tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     return "afile"
@@ -621,6 +626,9 @@ BAD_INPUTS = [
     ("resume-a-run-another-process-is-writing", _run_locked_by_a_live_process,
      ["--resume", "{p}/latest.pt", "--epochs", "3"], ["in use by another training process", f"pid {os.getpid()}"]),
     ("num-gpus-zero", None, ["--preset", "quick_test", "--num_gpus", "0"], ["--num_gpus"]),
+    ("batch-larger-than-the-training-set", _small_cifar,
+     ["--preset", "quick_test", "--train_subset", "0", "--data_dir", "{p}", "--batch_size", "100"],
+     ["--batch_size 100", "80 training images"]),
 ]
 
 

@@ -263,3 +263,14 @@ def test_a_full_disk_skips_the_save_with_a_warning_and_keeps_the_previous_checkp
     err = capsys.readouterr().err
     assert "warning: not saving ddpm_ts20_epoch0003.pt" in err and "MB free" in err
     assert {p.name: p.read_bytes() for p in run_dir.glob("*.pt")} == before
+
+
+def test_a_run_saved_with_plain_adamw_resumes_with_the_fused_kernel(cifar_dir, tmp_path):
+    # load_state_dict would take the kernel from the file; the resumed run must keep the one it built.
+    flags = [*TINY, "--sample_every", "0", "--data_dir", cifar_dir]
+    assert_ok(run_cli(*flags, "--fused_adamw", "false", "--max_steps", "3", cwd=tmp_path))
+    assert_ok(run_cli("--run_name", RUN, "--resume", "latest", "--fused_adamw", "true", "--max_steps", "6",
+                      cwd=tmp_path))
+    ckpt = load_ckpt(tmp_path / "checkpoints" / RUN / "latest.pt")
+    assert ckpt["step"] == 6 and ckpt["optimizer"]["param_groups"][0]["fused"] is True
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
