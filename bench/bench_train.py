@@ -192,27 +192,15 @@ def measure_interleaved(keys, batch, args, device):
 
 
 def measure(key, batch, args, device):
-    """Build one row's model, time its training step, then its forward pass; everything it built is
-    garbage once this returns. Raises torch.cuda.OutOfMemoryError when the batch does not fit."""
-    _, network, overrides = ROWS[key]
-    cfg = td.preset_config("ddpm_paper", overrides)
-    diffusion = td.build_diffusion(cfg).to(device)
-    torch.manual_seed(SEED)
-    params, step, evaluate = (build_ours if network == "ours" else build_diffusers)(cfg, device, diffusion)
-    torch.manual_seed(SEED)  # again: the two inits draw differently, the batch, t and noise must not
-    x0 = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
-
-    def train(i):
-        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
-        step(x0, t, torch.randn_like(x0), i)
-
+    """Build one row's model alone, time its training step, then its forward pass; everything it built
+    is garbage once this returns. Raises torch.cuda.OutOfMemoryError when the batch does not fit."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    params, train, evaluate = build_row(key, batch, device)
     step_s = seconds_per_call(train, args.steps, args.warmup, device)
     memory = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
-    x, t = torch.randn_like(x0), torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
     with torch.no_grad():
-        eval_s = seconds_per_call(lambda i: evaluate(x, t), args.steps, args.warmup, device)
+        eval_s = seconds_per_call(lambda i: evaluate(), args.steps, args.warmup, device)
     return dict(key=key, params=params, batch=batch, step_s=step_s, memory=memory,
                 train=batch / step_s, sample=batch / eval_s)
 
