@@ -1811,10 +1811,11 @@ class Meter:
         values = sums.tolist() + self.sums[8:].tolist()  # the host sync of a log row
         loss_sums, counts, grad_norm_sum, bad = values[:4], values[4:8], values[8], int(values[9])
         now, n = time.perf_counter(), step - self.interval_step
+        timed = step - max(self.interval_step, self.session_start_step)  # a resumed interval began before the clock
         row = dict(step=step, epoch=f"{step / steps_per_epoch:.4f}", lr=f"{lr:.6g}", bad_steps=bad,
                    loss=f"{sum(loss_sums) / sum(counts):.6f}" if sum(counts) else "",
                    grad_norm=f"{grad_norm_sum / (n - bad):.4f}" if n > bad else "",
-                   images_per_s=f"{n * batch_size / (now - self.interval_start):.1f}",
+                   images_per_s=f"{timed * batch_size / (now - self.interval_start):.1f}",
                    elapsed_s=f"{self.elapsed():.1f}", session=session)
         for q in range(4):
             row[f"loss_q{q}"] = f"{loss_sums[q] / counts[q]:.6f}" if counts[q] else ""
