@@ -2257,7 +2257,8 @@ class RunLock:
                             f"run is writing there any more, delete {self.path}")
         if owner.get("pid") and owner["pid"] != os.getpid() and _process_alive(owner["pid"]):
             raise UserError(f"{self.path.parent} is in use by another training process (pid {owner['pid']}, "
-                            f"started {owner.get('started', '?')}); wait for it or stop it, or use another --run_name")
+                            f"started {owner.get('started', '?')}); wait for it or stop it, or use another --run_name "
+                            f"(if no run is writing there, e.g. after a container restart, delete {self.path})")
         print(f"note: taking over the stale lock of pid {owner.get('pid', '?')} (no longer running)")
         self.path.unlink(missing_ok=True)
 
