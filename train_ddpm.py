@@ -1808,7 +1808,7 @@ class Meter:
         """A loss-log row averaging the steps since the previous row. end_interval=False (a row off
         the --log_every grid, at the end of a run) keeps summing, for a resumed run's next row."""
         sums = self.procs.sum_(self.sums[:8].clone())  # all ranks' images; the grad norm is the same on each
-        values = sums.tolist() + self.sums[8:].tolist()  # the host sync of a log row
+        values = torch.cat([sums, self.sums[8:]]).tolist()  # the one host sync of a log row
         loss_sums, counts, grad_norm_sum, bad = values[:4], values[4:8], values[8], int(values[9])
         now, n = time.perf_counter(), step - self.interval_step
         timed = step - max(self.interval_step, self.session_start_step)  # a resumed interval began before the clock
@@ -2132,18 +2132,18 @@ def resume_command(checkpoint, procs):
 
 
 def stop_message(stopped, saver, cfg, procs):
-    saved = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
-    resume = f"resume with: {resume_command(saved, procs)}" if saved else "no checkpoint was written"
+    checkpoint = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
+    resume = f"resume with: {resume_command(checkpoint, procs)}" if checkpoint else "no checkpoint was written"
     if saver.last_step != saver.state.step:
         resume = f"the last save failed (see the warning); {resume}"
     if stopped == "bad":
         return Stopped(f"stopped: {cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were "
-                       f"skipped, so the weights are the last good ones ({saved}); likely causes: a learning rate "
+                       f"skipped, so the weights are the last good ones ({checkpoint}); likely causes: a learning rate "
                        f"too high (--learning_rate {cfg.learning_rate:g}), fp16 overflow (use --amp bf16 or off), "
                        f"no gradient clipping, or broken input images; {resume} and changed flags", 1)
     name = signal.Signals(stopped).name
-    saved = "saved" if saver.last_step == saver.state.step else "not saved"
-    return Stopped(f"{name}: stopped at step {saver.state.step} and {saved}; {resume}", 128 + stopped)
+    outcome = "saved" if saver.last_step == saver.state.step else "not saved"
+    return Stopped(f"{name}: stopped at step {saver.state.step} and {outcome}; {resume}", 128 + stopped)
 
 
 class GracefulStop:
