@@ -21,6 +21,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -67,6 +68,9 @@ class Config:
     run_name: str = _field("", "run directory under checkpoint_dir and samples_dir (default: <preset>_ts<timesteps>)")
     checkpoint_dir: str = _field("checkpoints", "where run directories with checkpoints and logs go")
     samples_dir: str = _field("samples", "where run directories with preview grids and samples go")
+    init_from: str = _field("", "start a new run's weights (and EMA) from this checkpoint, .safetensors export or "
+                                "diffusers folder (fine-tuning): its model and schedule are used; the optimizer, "
+                                "step and LR schedule start fresh")
     # data
     dataset: str = _field("cifar10", "training images", choices=("cifar10", "folder"))
     data_dir: str = _field("./data", "CIFAR-10 download folder, or the image folder for --dataset folder")
@@ -83,6 +87,13 @@ class Config:
     attn_resolutions: tuple = _field((16,), "resolutions with self-attention, e.g. 16 or 16,8")
     dropout: float = _field(0.1, "dropout inside residual blocks")
     emb_dim: int = _field(512, "width of the timestep-embedding MLP", aliases=("time_emb_dim",))
+    norm_groups: int = _field(32, "GroupNorm groups: each norm takes the largest divisor of its width up to this "
+                                  "(the paper: 32)")
+    norm_eps: float = _field(1e-6, "GroupNorm epsilon (the paper's TensorFlow value; checkpoints from before "
+                                   "this option used PyTorch's 1e-5)")
+    downsample_padding: str = _field("same", "padding of the stride-2 downsampling conv: same pads bottom and right "
+                                             "only (TensorFlow, the paper), symmetric pads every side (checkpoints "
+                                             "from before this option)", choices=("same", "symmetric"))
     # diffusion
     timesteps: int = _field(1000, "number of diffusion steps T")
     schedule_type: str = _field("linear", "beta schedule", choices=("linear", "cosine"))
@@ -140,6 +151,11 @@ class Config:
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# What the weights were trained for: a run started --init_from a checkpoint takes these from it.
+ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "use_attention",
+                       "attn_resolutions", "emb_dim", "norm_groups", "norm_eps", "downsample_padding",
+                       "timesteps", "schedule_type", "beta_start", "beta_end", "cosine_s")
+
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
@@ -160,11 +176,12 @@ PRESETS = {
     "cifar10": dict(),
     "cifar10_optimized": dict(base_channels=64, emb_dim=256, learning_rate=3e-4, epochs=300,
                               restart_period=50),
+    # 800,000 steps of 128 (2,048 passes over CIFAR-10): 2,052 epochs of 390 whole batches, cut at max_steps.
     "ddpm_paper": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
                        attn_resolutions=(16,), dropout=0.1, emb_dim=512, timesteps=1000,
                        schedule_type="linear", beta_start=1e-4, beta_end=0.02, learning_rate=2e-4,
                        weight_decay=0.0, warmup_steps=5000, scheduler="constant", grad_clip=1.0,
-                       ema_decay=0.9999, batch_size=128, epochs=2048, max_steps=800_000, save_every=25),
+                       ema_decay=0.9999, batch_size=128, epochs=2052, max_steps=800_000, save_every=25),
     "best_quality": dict(timesteps=2000, schedule_type="cosine", batch_size=256, learning_rate=2e-4,
                          emb_dim=256, epochs=800, restart_period=100),
     "fastest": dict(base_channels=64, channel_mults=(1, 2, 2), use_attention=False, emb_dim=256,
@@ -175,16 +192,28 @@ PRESETS = {
 for _overrides in PRESETS.values():
     Config(**_overrides)
 
+# What each preset is for; preset_summary() adds its numbers, read from the preset itself.
 PRESET_NOTES = {
-    "quick_test": "tiny UNet (1.1M), T=100, 5 epochs of 5,000 images: the whole pipeline on a CPU in minutes",
-    "cifar10": "standard DDPM UNet (35.7M), T=1000 linear, batch 128, lr 2e-4, cosine restarts",
-    "cifar10_optimized": "half-width UNet (9M), lr 3e-4: most of the quality for a third of the compute",
-    "ddpm_paper": "Ho et al. 2020 exactly: 35.7M UNet, Adam 2e-4, 800k steps, constant LR, clip 1.0",
-    "best_quality": "35.7M UNet, T=2000 cosine schedule, batch 256",
-    "fastest": "small UNet without attention, T=500, batch 256, lr 5e-4",
-    "low_memory": "half-width UNet at batch 32: fits in about 2 GB of GPU memory",
+    "quick_test": "tiny UNet: the whole pipeline on a CPU in minutes",
+    "cifar10": "the paper's UNet with cosine warm restarts",
+    "cifar10_optimized": "half-width UNet: the recommended start",
+    "ddpm_paper": "Ho et al. 2020 exactly: Adam, warmup then constant LR, clip 1, EMA",
+    "best_quality": "the paper's UNet with a narrower time embedding, cosine schedule",
+    "fastest": "small UNet without attention",
+    "low_memory": "half-width UNet at a small batch",
 }
 DEFAULT_PRESET = "cifar10_optimized"
+
+
+def preset_summary(name):
+    """The menu's line for a preset: its note, then its size and recipe as the preset defines them."""
+    cfg = preset_config(name, {})
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        params = count_parameters(build_model(cfg))
+    length = f"{cfg.max_steps:,} steps" if cfg.max_steps else f"{cfg.epochs} epochs"
+    images = f" of {cfg.train_subset:,} images" if cfg.train_subset else ""
+    return (f"{PRESET_NOTES[name]} ({params / 1e6:.2f}M parameters, T={cfg.timesteps} {cfg.schedule_type}, "
+            f"batch {cfg.batch_size}, lr {cfg.learning_rate:g}, {length}{images})")
 
 
 def default_run_name(cfg):
@@ -220,6 +249,8 @@ def validate_config(cfg):
         (cfg.num_res_blocks >= 1, "--num_res_blocks must be at least 1"),
         (0.0 <= cfg.dropout < 1.0, "--dropout must be in [0, 1)"),
         (cfg.emb_dim >= 1, "--emb_dim must be positive"),
+        (cfg.norm_groups >= 1, "--norm_groups must be at least 1"),
+        (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
         (cfg.weight_decay >= 0, "--weight_decay must be >= 0"),
@@ -398,6 +429,11 @@ def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=sl
         yield x
 
 
+def planned_steps(cfg, n_batches):
+    """Optimizer steps the run will take: --epochs of n_batches, cut at --max_steps when it is set."""
+    return cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
+
+
 def steps_per_epoch(num_images, batch_size):
     # Drop the last partial batch so every step sees the same batch size, as the paper's input pipeline.
     return max(1, num_images // batch_size)
@@ -414,9 +450,15 @@ def timestep_embedding(t, dim):
     return F.pad(emb, (0, dim % 2))
 
 
-def group_norm(channels):
-    # 32 groups as in the paper; narrower test models fall back to the largest divisor of 32.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+@dataclass(frozen=True)
+class Norm:
+    """The UNet's GroupNorm: `groups` groups (the paper: 32) where the width allows, else the largest
+    divisor of the width below it; epsilon 1e-6 as in the paper's TensorFlow code."""
+    groups: int = 32
+    eps: float = 1e-6
+
+    def __call__(self, channels):
+        return nn.GroupNorm(math.gcd(self.groups, channels), channels, eps=self.eps)
 
 
 def zero_init(module):
@@ -424,15 +466,16 @@ def zero_init(module):
     # untrained network is the identity map plus a zero prediction.
     nn.init.zeros_(module.weight)
     nn.init.zeros_(module.bias)
+    module.zero_init = True  # UNet._init_weights leaves it so
     return module
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, norm=Norm()):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
@@ -451,16 +494,16 @@ class AttnBlock(nn.Module):
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the timestep embedding added in between, optional attention after."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attn=False):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attn=False, norm=Norm()):
         super().__init__()
-        self.norm1 = group_norm(in_ch)
+        self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_ch)
-        self.norm2 = group_norm(out_ch)
+        self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-        self.attn = AttnBlock(out_ch) if attn else nn.Identity()
+        self.attn = AttnBlock(out_ch, norm) if attn else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -470,12 +513,16 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels):
+    """Stride-2 3x3 conv. "same" pads one row and column at the bottom and right only, as the paper's
+    TensorFlow 'SAME' padding does for even sizes; "symmetric" pads every side (PyTorch's habit)."""
+
+    def __init__(self, channels, padding="same"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.asymmetric = padding == "same"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.asymmetric else 1)
 
     def forward(self, x, emb):
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):
@@ -490,14 +537,17 @@ class Upsample(nn.Module):
 class UNet(nn.Module):
     """The DDPM noise predictor eps_theta(x_t, t): (B, C, S, S), (B,) int64 -> (B, C, S, S).
 
-    With the defaults (128 channels, mults 1-2-2-2, 2 blocks, attention at 16x16) it is the
-    35.7M-parameter CIFAR-10 model of Ho et al. 2020.
+    With the defaults (128 channels, mults 1-2-2-2, 2 blocks, attention at 16x16, GroupNorm of 32
+    groups with eps 1e-6, 'SAME'-padded downsampling) it is the 35.7M-parameter CIFAR-10 model of
+    Ho et al. 2020, the function diffusers' UNet2DModel computes for google/ddpm-cifar10-32.
     """
 
     def __init__(self, image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
-                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, emb_dim=512, use_attention=True):
+                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, emb_dim=512, use_attention=True,
+                 norm_groups=32, norm_eps=1e-6, downsample_padding="same"):
         super().__init__()
         self.base_channels = base_channels
+        norm = Norm(norm_groups, norm_eps)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.head = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         attn_at = set(attn_resolutions) if use_attention else set()
@@ -506,35 +556,35 @@ class UNet(nn.Module):
         ch, res = base_channels, image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                self.down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout, attn=res in attn_at))
+                self.down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout, res in attn_at, norm))
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level < len(channel_mults) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Downsample(ch, downsample_padding))
                 res //= 2
                 skip_channels.append(ch)
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, attn=use_attention),
-                                  ResBlock(ch, ch, emb_dim, dropout)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, use_attention, norm),
+                                  ResBlock(ch, ch, emb_dim, dropout, norm=norm)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for _ in range(num_res_blocks + 1):
                 self.up.append(ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout,
-                                        attn=res in attn_at))
+                                        res in attn_at, norm))
                 ch = base_channels * mult
             if level > 0:
                 self.up.append(Upsample(ch))
                 res *= 2
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, in_channels, 3, padding=1)))
         self._init_weights()
 
     def _init_weights(self):
         # Ho et al. use variance_scaling(fan_avg, uniform) = Xavier-uniform, zero biases; the
         # zero-initialised layers were set in their constructors and are skipped here.
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.abs().sum() > 0:
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not getattr(m, "zero_init", False):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -557,7 +607,8 @@ class UNet(nn.Module):
 def build_model(cfg):
     return UNet(image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
                 num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
-                dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention)
+                dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention,
+                norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding)
 
 
 def count_parameters(model):
@@ -595,6 +646,11 @@ def autocast_dtype(amp, device):
         native = torch.cuda.get_device_capability(device) >= (8, 0) if device.type == "cuda" else cpu_has_native_bf16()
         return torch.bfloat16 if native else None
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def precision_name(dtype):
+    """fp32, bf16 or fp16: what the UNet computes in under autocast dtype (None: no autocast)."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def use_channels_last(setting, device):
@@ -1199,10 +1255,16 @@ def find_latest_checkpoint(run_dir):
     return found[-1] if found else None
 
 
+# Fields added after checkpoints were first written, with the value those older checkpoints were
+# trained with: a saved config without the field gets this value, not today's default.
+LEGACY_VALUES = dict(norm_eps=1e-5, downsample_padding="symmetric")
+
+
 def config_from_dict(values):
-    """A Config from a saved dict: lists back to tuples, unknown keys (from other versions) ignored."""
+    """A Config from a saved dict: lists back to tuples, unknown keys (from other versions) ignored,
+    missing keys of LEGACY_VALUES given the value the checkpoint was trained with."""
     known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in CONFIG_FIELDS}
-    return Config(**known)
+    return Config(**{**LEGACY_VALUES, **known})
 
 
 _TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
@@ -1223,8 +1285,11 @@ def _load_failure_reason(error):
 
 def read_checkpoint(path):
     """The checkpoint dict, loaded without running any pickled code: torch.load(weights_only=True),
-    which unpickles only tensors and plain containers, or a weights-only .safetensors file."""
+    which unpickles only tensors and plain containers, a weights-only .safetensors file, or a
+    diffusers folder."""
     path = Path(path)
+    if path.is_dir():
+        return read_diffusers(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -1289,13 +1354,277 @@ def read_safetensors(path):
                 epoch=int(metadata.get("epoch", 0)), weights_only=True)
 
 
+# --- diffusers folders: the paper's published weights in, our models out --------------------------
+# google/ddpm-cifar10-32, the port of the paper's TensorFlow checkpoint that diffusers users have, is
+# a UNet2DModel of ResNet blocks (DownBlock2D/AttnDownBlock2D, UpBlock2D/AttnUpBlock2D), single-head
+# attention and a sinusoidal time embedding: the function our UNet computes. Reading and writing such
+# folders needs only json and safetensors; diffusers itself is not imported.
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_VERSION = "0.30.0"  # written into exported configs: the oldest diffusers the export is tested with
+# UNet2DModel's defaults for the keys we read, for configs that leave them out.
+UNET2D_DEFAULTS = dict(sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+                       time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
+                       flip_sin_to_cos=True, mid_block_type="UNetMidBlock2D", block_out_channels=(224, 448, 672, 896),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1, downsample_type="conv",
+                       upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8, norm_num_groups=32,
+                       attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
+                       add_attention=True, class_embed_type=None, num_class_embeds=None)
+# What our UNet computes, as UNet2DModel settings: anything else is refused, naming the key.
+UNET2D_REQUIRED = dict(in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+                       freq_shift=1, flip_sin_to_cos=False, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1,
+                       downsample_type="conv", upsample_type="conv", act_fn="silu",
+                       resnet_time_scale_shift="default", class_embed_type=None, num_class_embeds=None)
+# diffusers before 0.15 named the attention weights query/key/value/proj_attn.
+DEPRECATED_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _resblock_rows(ours, resnet, attention):
+    rows = [(f"{ours}.{a}", (f"{resnet}.{b}",), False) for a, b in (
+        ("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"), ("norm2", "norm2"),
+        ("conv2", "conv2"), ("skip", "conv_shortcut"))]
+    if attention:  # our 1x1-conv projections are diffusers' Linear layers; our qkv is their q, k, v stacked
+        rows += [(f"{ours}.attn.norm", (f"{attention}.group_norm",), False),
+                 (f"{ours}.attn.qkv", tuple(f"{attention}.{n}" for n in ("to_q", "to_k", "to_v")), True),
+                 (f"{ours}.attn.proj", (f"{attention}.to_out.0",), True)]
+    return rows
+
+
+def diffusers_name_table(cfg):
+    """The one mapping between our UNet's modules and UNet2DModel's, used in both directions: rows of
+    (our module, its diffusers module(s), whether theirs are Linear). It lists every module the
+    architecture may have (shortcuts, attention); a model uses the rows whose modules it has."""
+    levels = len(cfg.channel_mults)
+    rows = [("time_mlp.0", ("time_embedding.linear_1",), False), ("time_mlp.2", ("time_embedding.linear_2",), False),
+            ("head", ("conv_in",), False), ("out.0", ("conv_norm_out",), False), ("out.2", ("conv_out",), False)]
+    k = 0
+    for level in range(levels):
+        for j in range(cfg.num_res_blocks):
+            rows += _resblock_rows(f"down.{k}", f"down_blocks.{level}.resnets.{j}", f"down_blocks.{level}.attentions.{j}")
+            k += 1
+        if level < levels - 1:
+            rows.append((f"down.{k}.conv", (f"down_blocks.{level}.downsamplers.0.conv",), False))
+            k += 1
+    rows += _resblock_rows("mid.0", "mid_block.resnets.0", "mid_block.attentions.0")
+    rows += _resblock_rows("mid.1", "mid_block.resnets.1", None)
+    k = 0
+    for j, level in enumerate(reversed(range(levels))):  # up_blocks[0] is the lowest resolution
+        for i in range(cfg.num_res_blocks + 1):
+            rows += _resblock_rows(f"up.{k}", f"up_blocks.{j}.resnets.{i}", f"up_blocks.{j}.attentions.{i}")
+            k += 1
+        if level > 0:
+            rows.append((f"up.{k}.conv", (f"up_blocks.{j}.upsamplers.0.conv",), False))
+            k += 1
+    return rows
+
+
+def _shapes_of(cfg):
+    """Our UNet's parameter names and shapes, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in build_model(cfg).state_dict().items()}
+
+
+def state_to_diffusers(state, cfg):
+    """Our UNet state dict -> UNet2DModel's."""
+    out = {}
+    for ours, theirs, linear in diffusers_name_table(cfg):
+        for param in ("weight", "bias"):
+            if f"{ours}.{param}" in state:
+                for name, part in zip(theirs, state[f"{ours}.{param}"].chunk(len(theirs))):
+                    out[f"{name}.{param}"] = part.reshape(part.shape[0], -1) if linear and param == "weight" else part
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def state_from_diffusers(state, cfg, where):
+    """UNet2DModel's state dict -> ours; a missing or left-over tensor is refused, naming it."""
+    state = {_renamed(name): t for name, t in state.items()}
+    shapes, out = _shapes_of(cfg), {}
+    for ours, theirs, linear in diffusers_name_table(cfg):
+        for param in ("weight", "bias"):
+            if f"{ours}.{param}" not in shapes:
+                continue
+            names = [f"{name}.{param}" for name in theirs]
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise UserError(f"{where} lacks the weights {missing[0]} that its config.json implies")
+            tensor = torch.cat([state.pop(n) for n in names])
+            if tensor.numel() != shapes[f"{ours}.{param}"].numel():
+                raise UserError(f"{where}: {names[0]} has shape {tuple(tensor.shape)}, which its config.json does not give")
+            out[f"{ours}.{param}"] = tensor.reshape(shapes[f"{ours}.{param}"]).float()
+    if state:
+        raise UserError(f"{where} has weights this UNet cannot use, e.g. {sorted(state)[0]}")
+    return out
+
+
+def _renamed(name):
+    for old, new in DEPRECATED_ATTENTION_NAMES.items():
+        name = name.replace(old, new)
+    return name
+
+
+def config_from_diffusers(unet, scheduler, where):
+    """Our Config from a UNet2DModel config.json and a scheduler_config.json (dicts); a setting our
+    UNet or schedule cannot reproduce exactly is refused with one line naming the key."""
+    unet = {**UNET2D_DEFAULTS, **unet}
+
+    def refuse(key, value, need):
+        raise UserError(f"{where}: {key}={json.dumps(value)} cannot be reproduced here ({need})")
+
+    for key, want in UNET2D_REQUIRED.items():
+        if unet[key] != want:
+            refuse(key, unet[key], f"only {json.dumps(want)} is supported")
+    widths, base = list(unet["block_out_channels"]), unet["block_out_channels"][0]
+    if any(w % base for w in widths):
+        refuse("block_out_channels", widths, "every width must be a multiple of the first")
+    down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
+    if len(down) != len(widths) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
+        refuse("down_block_types", down, "DownBlock2D or AttnDownBlock2D, one per width")
+    if [b.replace("Up", "Down") for b in reversed(up)] != down:
+        refuse("up_block_types", up, "the mirror image of down_block_types: UpBlock2D or AttnUpBlock2D")
+    size = unet["sample_size"]
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    if not isinstance(size, int):
+        refuse("sample_size", size, "one square size")
+    attn_levels = [level for level, b in enumerate(down) if b.startswith("Attn")]
+    if attn_levels and not unet["add_attention"]:
+        refuse("add_attention", False, "attention in the blocks needs it in the middle block too")
+    attention_widths = [widths[level] for level in attn_levels] + ([widths[-1]] if unet["add_attention"] else [])
+    if unet["attention_head_dim"] is not None and any(w != unet["attention_head_dim"] for w in attention_widths):
+        refuse("attention_head_dim", unet["attention_head_dim"], "single-head attention: null or the attention width")
+    if unet["attn_norm_num_groups"] not in (None, unet["norm_num_groups"]):
+        refuse("attn_norm_num_groups", unet["attn_norm_num_groups"], "the same groups as norm_num_groups")
+    if unet["downsample_padding"] not in (0, 1):
+        refuse("downsample_padding", unet["downsample_padding"], "0 (TensorFlow SAME) or 1")
+
+    scheduler = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                 "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small", **scheduler}
+    schedules = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+    if scheduler["beta_schedule"] not in schedules or scheduler["trained_betas"]:
+        refuse("beta_schedule", scheduler["beta_schedule"], "linear or squaredcos_cap_v2, no trained_betas")
+    if scheduler["prediction_type"] != "epsilon":
+        refuse("prediction_type", scheduler["prediction_type"], "the model must predict the noise: epsilon")
+    if str(scheduler["variance_type"]).startswith("learned"):
+        refuse("variance_type", scheduler["variance_type"], "learned variances need a second output")
+    if scheduler.get("rescale_betas_zero_snr"):
+        refuse("rescale_betas_zero_snr", True, "only the plain schedules")
+    return Config(image_size=size, base_channels=base, channel_mults=tuple(w // base for w in widths),
+                  num_res_blocks=unet["layers_per_block"], use_attention=bool(unet["add_attention"]),
+                  attn_resolutions=tuple(size // 2 ** level for level in attn_levels),
+                  dropout=float(unet["dropout"]), emb_dim=unet["time_embedding_dim"] or 4 * base,
+                  norm_groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
+                  downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
+                  timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
+                  beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
+                  run_name=Path(where).resolve().name)
+
+
+def diffusers_unet_folder(path):
+    """The UNet2DModel folder of a diffusers folder (a DDPMPipeline's unet/, or the folder itself), or None."""
+    path = Path(path)
+    for folder in (path / "unet", path):
+        if (folder / "config.json").is_file() and any((folder / w).is_file() for w in DIFFUSERS_WEIGHTS):
+            return folder
+    return None
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def read_diffusers(path):
+    """A checkpoint-like dict (model, config) from a DDPMPipeline or UNet2DModel folder. The schedule
+    comes from the pipeline's scheduler/scheduler_config.json; a lone UNet folder gets diffusers'
+    default DDPMScheduler (the paper's linear 1e-4..0.02, T = 1000), as diffusers would."""
+    unet_dir = diffusers_unet_folder(path)
+    if unet_dir is None:
+        raise UserError(f"{path} is neither a diffusers folder (config.json and {DIFFUSERS_WEIGHTS[0]}) nor a run folder")
+    schedule_file = next((p for p in (Path(path) / "scheduler" / "scheduler_config.json",
+                                      unet_dir.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
+    cfg = config_from_diffusers(_read_json(unet_dir / "config.json"),
+                                _read_json(schedule_file) if schedule_file else {}, str(path))
+    weights = next(unet_dir / w for w in DIFFUSERS_WEIGHTS if (unet_dir / w).is_file())
+    if weights.suffix == ".safetensors":
+        try:
+            state = _safetensors().torch.load_file(str(weights))
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{weights} is unreadable or corrupt ({type(e).__name__}: {str(e)[:200]})") from None
+    else:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{weights} is unreadable or corrupt ({_load_failure_reason(e)})") from None
+    return dict(model=state_from_diffusers(state, cfg, str(path)), config=asdict(cfg), step=0, epoch=0,
+                weights_only=True)
+
+
+def diffusers_configs(cfg):
+    """(UNet2DModel config, DDPMScheduler config) of our Config; what UNet2DModel cannot express is
+    refused with one line."""
+    widths = [cfg.base_channels * m for m in cfg.channel_mults]
+    with torch.device("meta"):
+        norms = [m for m in build_model(cfg).modules() if isinstance(m, nn.GroupNorm)]
+    if any(n.num_groups != cfg.norm_groups for n in norms):
+        width = next(n.num_channels for n in norms if n.num_groups != cfg.norm_groups)
+        raise UserError(f"cannot export to diffusers: UNet2DModel uses norm_num_groups={cfg.norm_groups} for every "
+                        f"GroupNorm, but the width {width} is not a multiple of it")
+    if cfg.schedule_type == "cosine" and cfg.cosine_s != 0.008:
+        raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, not --cosine_s {cfg.cosine_s:g}")
+    levels = range(len(widths))
+    attn = [cfg.use_attention and cfg.image_size // 2 ** level in cfg.attn_resolutions for level in levels]
+    unet = dict(_class_name="UNet2DModel", _diffusers_version=DIFFUSERS_VERSION, sample_size=cfg.image_size,
+                **UNET2D_REQUIRED, time_embedding_dim=cfg.emb_dim, block_out_channels=widths,
+                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                layers_per_block=cfg.num_res_blocks, downsample_padding=0 if cfg.downsample_padding == "same" else 1,
+                dropout=cfg.dropout, attention_head_dim=None, norm_num_groups=cfg.norm_groups,
+                attn_norm_num_groups=None, norm_eps=cfg.norm_eps, add_attention=cfg.use_attention)
+    scheduler = dict(_class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
+                     num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                     beta_schedule="linear" if cfg.schedule_type == "linear" else "squaredcos_cap_v2",
+                     trained_betas=None, variance_type="fixed_large", clip_sample=True, clip_sample_range=1.0,
+                     prediction_type="epsilon")
+    return unet, scheduler
+
+
+def export_diffusers(ckpt, folder, use_ema=True):
+    """A DDPMPipeline folder (model_index.json, unet/, scheduler/) of the sampling weights (EMA unless
+    use_ema=False) and the schedule, written whole or not at all."""
+    cfg = config_from_dict(ckpt["config"])
+    unet, scheduler = diffusers_configs(cfg)
+    safetensors = _safetensors()
+    source = "ema" if use_ema and "ema" in ckpt else "model"
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "unet").mkdir(parents=True)
+    (tmp / "scheduler").mkdir()
+    index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
+                 scheduler=["diffusers", "DDPMScheduler"], unet=["diffusers", "UNet2DModel"])
+    for path, content in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet),
+                          (tmp / "scheduler" / "scheduler_config.json", scheduler)):
+        path.write_text(json.dumps(content, indent=2) + "\n")
+    tensors = state_to_diffusers(ckpt[source], cfg)
+    (tmp / "unet" / DIFFUSERS_WEIGHTS[0]).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    os.replace(tmp, folder)  # fails if the folder appeared meanwhile; checked empty before
+    return source
+
+
 def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
     """Load a checkpoint for sampling: returns (model in eval mode, diffusion, Config).
 
-    The architecture and schedule come from the checkpoint's config; the weights are the EMA
-    weights unless use_ema=False. The model is a Precision caller (--amp, --channels_last) of the UNet.
+    `path` is a .pt checkpoint, a .safetensors export, a run folder (its newest checkpoint) or a
+    diffusers DDPMPipeline/UNet2DModel folder. The architecture and schedule come from the checkpoint;
+    the weights are the EMA weights unless use_ema=False. The model is a Precision caller (--amp,
+    --channels_last) of the UNet.
     """
-    return model_from_checkpoint(read_checkpoint(path), use_ema, device, amp, channels_last)
+    return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path)), use_ema, device, amp, channels_last)
 
 
 def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
@@ -1325,8 +1654,10 @@ def check_writable_folder(folder, flag):
 
 
 def resolve_checkpoint_path(path):
-    """A checkpoint file, or a run folder meaning its newest checkpoint."""
+    """A checkpoint file or diffusers folder, or a run folder meaning its newest checkpoint."""
     path = Path(path)
+    if path.is_dir() and diffusers_unet_folder(path) is not None:
+        return path
     if path.is_dir():
         found = find_latest_checkpoint(path)
         if found is None:
@@ -1578,7 +1909,7 @@ def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subs
 
 
 FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "eta", "source",
-                   "reference", "reference_n", "fid", "kid", "kid_std")
+                   "precision", "reference", "reference_n", "fid", "kid", "kid_std")
 
 
 def reference_images(cfg, data_dir):
@@ -1599,13 +1930,32 @@ def evaluate_fid(images, reference, reference_name, extractor, cache_dir, log_pa
     row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
                reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
                kid_std=f"{scores['kid_std']:.6f}")
-    new_file = not Path(log_path).exists()
-    with open(log_path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FID_LOG_COLUMNS, extrasaction="ignore")
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv_row(log_path, FID_LOG_COLUMNS, row)
     return dict(scores, reference_n=stats.n)
+
+
+def append_csv_row(path, columns, row):
+    """Append a row to a CSV log; a log written with other columns (an older version) is first
+    rewritten with these, its rows kept, so every row stays under its own header."""
+    path = Path(path)
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader) if tuple(reader.fieldnames or ()) != tuple(columns) else None
+        if rows is not None:
+            atomic_write_text(_csv_text(columns, rows), path)
+    else:
+        atomic_write_text(_csv_text(columns, []), path)
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(row)
+
+
+def _csv_text(columns, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
 # --- Training loop --------------------------------------------------------------------------------
@@ -1737,6 +2087,15 @@ def with_kernel_of(optimizer, saved):
     groups = [{**group, **{k: now[k] for k in ("fused", "foreach") if k in now}}
               for group, now in zip(saved["param_groups"], optimizer.param_groups)]
     return {**saved, "param_groups": groups}
+
+
+def start_from_weights(path, model, ema):
+    """--init_from: the weights and EMA of a checkpoint (one set of weights for both from an export
+    or a diffusers folder); everything else starts fresh."""
+    ckpt = read_checkpoint(resolve_checkpoint_path(path))
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt.get("ema", ckpt["model"]))
+    print(f"weights{' and EMA' if 'ema' in ckpt else ''} from {path}")
 
 
 def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num_images):
@@ -1874,7 +2233,7 @@ class FidDuringTraining:
         images = generate_samples(ema_model, diffusion, self.cfg, self.cfg.fid_samples, self.cfg.batch_size,
                                   "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed)
         info = dict(checkpoint="(training)", step=step, sampler="dpmpp2m", steps=steps, eta=0.0,
-                    spacing=DEFAULT_SPACING["dpmpp2m"], source="ema")
+                    spacing=DEFAULT_SPACING["dpmpp2m"], source="ema", precision=precision_name(ema_model.dtype))
         scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
                               self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
                               info, self.device)
@@ -1948,6 +2307,8 @@ def train(cfg, resume_from=None):
     state = TrainState(num_images=len(images))
     if resume_from is not None:
         state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, scaler, len(images))
+    elif cfg.init_from:
+        start_from_weights(cfg.init_from, model, ema)
     net = model
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -1960,12 +2321,12 @@ def train(cfg, resume_from=None):
     print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images, "
           f"{n_batches} steps per epoch | {0 if val_images is None else len(val_images):,} validation images "
           f"| {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
-          f"{'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')} autocast"
+          f"{precision_name(amp_dtype)} autocast"
           f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}")
     if amp_dtype == torch.float16 and device.type == "cpu":
         print("warning: CPUs have no fast fp16 kernels, so --amp fp16 is slow here; use --amp bf16 or off",
               file=sys.stderr)
-    total_steps = cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
+    total_steps = planned_steps(cfg, n_batches)
     if state.step >= total_steps:
         raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
                         f"raise --epochs or --max_steps to train further")
@@ -2333,6 +2694,33 @@ def checked_sampling_steps(args, cfg):
     return steps
 
 
+def export_weights(args, ckpt):
+    """--export_safetensors FILE and --export_diffusers DIR: the sampling weights (EMA unless --no_ema)
+    in another format. Everything is checked before anything is written."""
+    weights = "EMA" if not args.no_ema and "ema" in ckpt else "raw"
+    if args.export_safetensors:
+        out = Path(args.export_safetensors)
+        if out.suffix != ".safetensors":
+            raise UserError(f"--export_safetensors {out} must end in .safetensors")
+        check_writable_folder(out.parent, "--export_safetensors")
+        if out.exists():
+            raise UserError(f"{out} already exists; choose another file name")
+    if args.export_diffusers:
+        folder = Path(args.export_diffusers)
+        check_writable_folder(folder.parent, "--export_diffusers")
+        if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+            raise UserError(f"--export_diffusers {folder} already exists; choose a new folder")
+        diffusers_configs(config_from_dict(ckpt["config"]))  # refuses what UNet2DModel cannot express
+    _safetensors()
+    if args.export_safetensors:
+        export_safetensors(ckpt, out, use_ema=not args.no_ema)
+        print(f"wrote {out} ({weights} weights and the config); sample from it with --checkpoint {out}")
+    if args.export_diffusers:
+        export_diffusers(ckpt, folder, use_ema=not args.no_ema)
+        print(f"wrote {folder}/ ({weights} weights, the UNet2DModel and DDPMScheduler configs); load it with "
+              f"diffusers.DDPMPipeline.from_pretrained({str(folder)!r}) or sample from it with --checkpoint {folder}")
+
+
 def run_sample(args):
     from PIL import Image
     args.num_samples = 64 if args.num_samples is None else args.num_samples
@@ -2340,17 +2728,9 @@ def run_sample(args):
         raise UserError("--num_samples must be at least 1")
     path = resolve_checkpoint_path(args.checkpoint)
     ckpt = read_checkpoint(path)
-    if args.export_safetensors and torchrun_processes().main:
-        out = Path(args.export_safetensors)
-        if out.suffix != ".safetensors":
-            raise UserError(f"--export_safetensors {out} must end in .safetensors")
-        check_writable_folder(out.parent, "--export_safetensors")
-        if out.exists():
-            raise UserError(f"{out} already exists; choose another file name")
-        export_safetensors(ckpt, out, use_ema=not args.no_ema)
-        print(f"wrote {out} ({'EMA' if not args.no_ema and 'ema' in ckpt else 'raw'} weights and the config); "
-              f"sample from it with --checkpoint {out}")
-    if args.export_safetensors:
+    if args.export_safetensors or args.export_diffusers:
+        if torchrun_processes().main:
+            export_weights(args, ckpt)
         return
     steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
     if args.out:
@@ -2407,7 +2787,7 @@ def run_eval(args):
     if args.checkpoint:
         path = resolve_checkpoint_path(args.checkpoint)
         ckpt = read_checkpoint(path)
-        cfg, run_dir, step = config_from_dict(ckpt["config"]), path.parent, ckpt["step"]
+        cfg, run_dir, step = config_from_dict(ckpt["config"]), path if path.is_dir() else path.parent, ckpt["step"]
         steps = checked_sampling_steps(args, cfg)
     else:
         path, step = None, ""
@@ -2425,13 +2805,14 @@ def run_eval(args):
                                   procs=procs)
         info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
                     spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler],
-                    source="ema" if not args.no_ema else "raw weights")
+                    source="ema" if not args.no_ema else "raw weights", precision=precision_name(model.dtype))
     if not procs.main:
         return
     reference, name = reference_images(cfg, args.data_dir or cfg.data_dir)
     scores = evaluate_fid(images, reference, name, extractor, run_dir.parent / "fid_stats", run_dir / "fid_log.csv",
                           info, device)
-    how = f"{info['sampler']} {info['steps']} steps" if "sampler" in info else f"from {args.eval_npz}"
+    how = (f"{info['sampler']} {info['steps']} steps, {info['precision']}" if "sampler" in info
+           else f"from {args.eval_npz}")
     print(f"FID {scores['fid']:.2f}  KID {scores['kid'] * 1e3:.2f} +- {scores['kid_std'] * 1e3:.2f} (x1e-3)  |  "
           f"FID@{len(images):,}: {len(images):,} samples ({how}) vs {name} ({scores['reference_n']:,} images)"
           f"{f', checkpoint step {step:,}' if step != '' else ''}")
@@ -2505,7 +2886,8 @@ def build_parser():
                              "DistributedDataParallel (training) or N shards of the samples (sample, eval); "
                              "with --device cpu, N CPU processes")
     sample = parser.add_argument_group("sampling (--mode sample)")
-    sample.add_argument("--checkpoint", help="checkpoint file, or a run folder meaning its newest checkpoint")
+    sample.add_argument("--checkpoint", help="checkpoint file, a run folder meaning its newest checkpoint, or a "
+                                             "diffusers DDPMPipeline or UNet2DModel folder")
     sample.add_argument("--num_samples", type=int, default=None, help="images to generate (sample: 64, eval: 10000)")
     sample.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm",
                         help="ddpm: ancestral (Ho et al.); ddim: Song et al.; dpmpp2m: DPM-Solver++(2M), 10-50 steps")
@@ -2521,6 +2903,10 @@ def build_parser():
                         help="write the checkpoint's sampling weights (EMA unless --no_ema) and config to a "
                              ".safetensors file (pip install safetensors) instead of sampling; --checkpoint "
                              "reads such files too")
+    sample.add_argument("--export_diffusers", metavar="DIR",
+                        help="write the sampling weights (EMA unless --no_ema) and the schedule as a diffusers "
+                             "DDPMPipeline folder (UNet2DModel + DDPMScheduler; pip install safetensors) instead "
+                             "of sampling; --checkpoint reads such folders too")
     evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
     evaluate.add_argument("--eval_npz", metavar="FILE", help="score the uint8 (N, H, W, 3) images in this .npz "
                                                              "instead of generating")
@@ -2569,6 +2955,17 @@ def resume_config(args, explicit):
     return cfg, ckpt
 
 
+def init_from_architecture(explicit):
+    """The model and schedule fields of --init_from's checkpoint; a flag that contradicts them is an error."""
+    path = resolve_checkpoint_path(explicit["init_from"])
+    source = config_from_dict(read_checkpoint(path)["config"])
+    for name in ARCHITECTURE_FIELDS:
+        if name in explicit and explicit[name] != getattr(source, name):
+            raise UserError(f"--{name} {_show(explicit[name])} conflicts with --init_from {path} "
+                            f"({name}={_show(getattr(source, name))}); the model and schedule come from it")
+    return {name: getattr(source, name) for name in ARCHITECTURE_FIELDS}
+
+
 # The hyperparameters the menu asks for, in order.
 MENU_FIELDS = ("epochs", "batch_size", "learning_rate", "timesteps", "schedule_type", "base_channels",
                "use_attention", "scheduler", "grad_clip", "sample_every", "save_every")
@@ -2589,7 +2986,7 @@ def interactive_config(explicit, ask=input):
     names = list(PRESETS)
     print("Presets:")
     for i, name in enumerate(names, 1):
-        print(f"  {i}. {name:<18} {PRESET_NOTES[name]}")
+        print(f"  {i}. {name:<18} {preset_summary(name)}")
     default_index = names.index(DEFAULT_PRESET) + 1
 
     def parse_choice(answer):
@@ -2641,6 +3038,8 @@ def print_config(cfg):
 def resolve_train_config(args):
     """Config (and checkpoint dict on resume) from flags, preset, menu and checkpoint."""
     explicit = explicit_config(args)
+    if explicit.get("init_from") and not args.resume:
+        explicit = {**explicit, **init_from_architecture(explicit)}
     if args.resume:
         cfg, ckpt = resume_config(args, explicit)
     elif "preset" not in explicit and sys.stdin.isatty() and torchrun_processes().world == 1:

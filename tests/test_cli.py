@@ -755,7 +755,8 @@ def test_every_config_field_has_a_flag_and_survives_a_checkpoint_round_trip():
     parser = train_ddpm.build_parser()
     for f in dataclasses.fields(train_ddpm.Config):
         text = {"preset": "fastest", "dataset": "folder", "schedule_type": "cosine", "scheduler": "constant",
-                "device": "cpu", "amp": "bf16", "channels_last": "true"}.get(f.name, examples.get(f.type, "name"))
+                "device": "cpu", "amp": "bf16", "channels_last": "true",
+                "downsample_padding": "symmetric"}.get(f.name, examples.get(f.type, "name"))
         args = parser.parse_args([f"--{f.name}", text])
         assert train_ddpm.explicit_config(args) == {f.name: train_ddpm.field_parser(f)(text)}, f.name
     cfg = train_ddpm.preset_config("ddpm_paper", {"attn_resolutions": (16, 8)})
@@ -876,17 +877,23 @@ FID_WEIGHTS = REPO.parent / "shared" / "fid" / "pt_inception-2015-12-05-fc-zeroe
                     reason="needs pytorch-fid and ../shared/fid weights")
 def test_eval_reports_and_logs_fid_with_its_sample_count_and_caches_the_reference(trained, cifar_dir, tmp_path):
     run = copy_run(trained, tmp_path)
+    # a log from before the precision column: its row is kept under the new header
+    old_columns = "time,checkpoint,step,num_samples,sampler,steps,spacing,eta,source,reference,reference_n,fid,kid,kid_std"
+    (run / "fid_log.csv").write_text(old_columns + "\nT0,old.pt,1,9,ddim,5,uniform,0,ema,cifar10-train,80,1.5,0.1,0.01\n")
     args = ["--mode", "eval", "--checkpoint", run, "--num_samples", "6", "--sampler", "dpmpp2m",
             "--sampling_steps", "3", "--fid_weights", FID_WEIGHTS, "--data_dir", cifar_dir]
-    first = run_cli(*args, cwd=tmp_path)
+    first = run_cli(*args, "--amp", "bf16", cwd=tmp_path)
     assert_ok(first)
-    assert re.search(r"FID \d+\.\d+ .*FID@6: 6 samples \(dpmpp2m 3 steps\) vs cifar10-train \(80 images\)", first.stdout)
+    assert re.search(r"FID \d+\.\d+ .*FID@6: 6 samples \(dpmpp2m 3 steps, bf16\) vs cifar10-train \(80 images\)",
+                     first.stdout)
     cache = tmp_path / "checkpoints" / "fid_stats" / "fid_stats_cifar10-train_n80_pt_inception-2015-12-05.npz"
     mtime = cache.stat().st_mtime_ns
-    assert_ok(run_cli(*args, cwd=tmp_path))
+    assert_ok(run_cli(*args, "--amp", "off", cwd=tmp_path))
     assert cache.stat().st_mtime_ns == mtime, "the reference statistics were read from the cache"
     rows = read_loss_log(run / "fid_log.csv")
-    assert [(r["num_samples"], r["reference_n"], r["sampler"], r["steps"]) for r in rows] == [("6", "80", "dpmpp2m", "3")] * 2
+    assert (rows[0]["checkpoint"], rows[0]["fid"], rows[0]["precision"]) == ("old.pt", "1.5", "")
+    assert [(r["num_samples"], r["reference_n"], r["sampler"], r["steps"], r["precision"]) for r in rows[1:]] == [
+        ("6", "80", "dpmpp2m", "3", "bf16"), ("6", "80", "dpmpp2m", "3", "fp32")]
 
 
 @pytest.mark.skipif(not FID_WEIGHTS.is_file() or importlib.util.find_spec("pytorch_fid") is None,

@@ -542,6 +542,40 @@ def test_paper_unet_has_the_35_746_307_parameters_of_ho_et_al_cifar10_model():
     assert td.count_parameters(td.UNet()) == 35_746_307
 
 
+def test_the_unets_normalisation_and_downsampling_are_the_papers_tensorflow_choices():
+    model = td.UNet()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(n.eps == 1e-6 and n.num_groups == 32 for n in norms)
+    # TensorFlow 'SAME' with stride 2 on an even size pads one row and column at the bottom and right
+    # only, so output (i, j) starts at input (2i, 2j); padding every side starts it at (2i - 1, 2j - 1).
+    x = torch.arange(1.0, 65.0).reshape(1, 1, 8, 8)
+    for padding, first_row in (("same", [1.0, 3.0, 5.0, 7.0]), ("symmetric", [0.0, 0.0, 0.0, 0.0])):
+        down = td.Downsample(1, padding)
+        with torch.no_grad():
+            down.conv.weight.zero_()
+            down.conv.weight[0, 0, 0, 0] = 1.0  # picks the top-left input of each window
+            down.conv.bias.zero_()
+            out = down(x, None)
+        assert out.shape == (1, 1, 4, 4)
+        assert out[0, 0, 0].tolist() == first_row, padding
+        if padding == "same":
+            assert torch.equal(out[0, 0], x[0, 0, ::2, ::2])
+        else:
+            assert torch.equal(out[0, 0, 1:, 1:], x[0, 0, 1:-1:2, 1:-1:2])
+
+
+def test_a_checkpoint_config_without_the_new_architecture_fields_keeps_the_values_it_was_trained_with():
+    saved = td.asdict(td.preset_config("quick_test", {}))
+    del saved["norm_eps"], saved["downsample_padding"]
+    old = td.config_from_dict(saved)
+    assert (old.norm_eps, old.downsample_padding) == (1e-5, "symmetric")
+    model = td.build_model(old)
+    assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert all(m.conv.padding == (1, 1) for m in model.modules() if isinstance(m, td.Downsample))
+    new = td.config_from_dict(td.asdict(td.preset_config("quick_test", {})))
+    assert (new.norm_eps, new.downsample_padding) == (1e-6, "same")
+
+
 def test_untrained_unet_predicts_exactly_zero_noise():
     model = tiny_unet().eval()
     out = model(torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999]))
@@ -677,6 +711,23 @@ def test_every_preset_builds_a_valid_config(name):
     td.validate_config(cfg)
     for key, value in td.PRESETS[name].items():
         assert getattr(cfg, key) == value
+
+
+def test_ddpm_paper_runs_the_papers_800k_steps_on_cifar10():
+    cfg = td.preset_config("ddpm_paper", {})
+    steps_per_epoch = td.steps_per_epoch(50_000, cfg.batch_size)  # whole batches of CIFAR-10's training set
+    assert td.planned_steps(cfg, steps_per_epoch) == 800_000
+    assert cfg.epochs * steps_per_epoch >= 800_000 > (cfg.epochs - 1) * steps_per_epoch  # no idle epochs either
+
+
+@pytest.mark.parametrize("name", list(td.PRESETS))
+def test_the_menu_line_of_a_preset_states_its_real_size_and_recipe(name):
+    cfg = td.preset_config(name, {})
+    line = td.preset_summary(name)
+    assert f"{td.count_parameters(td.build_model(cfg)) / 1e6:.2f}M parameters" in line
+    assert f"T={cfg.timesteps} {cfg.schedule_type}" in line and f"batch {cfg.batch_size}" in line
+    if name == "best_quality":
+        assert "34.24M" in line  # its time embedding is 256 wide, not the paper's 512
 
 
 @pytest.mark.parametrize("name", list(td.PRESETS))
