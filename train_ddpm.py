@@ -1402,7 +1402,8 @@ def diffusers_name_table(cfg):
     k = 0
     for level in range(levels):
         for j in range(cfg.num_res_blocks):
-            rows += _resblock_rows(f"down.{k}", f"down_blocks.{level}.resnets.{j}", f"down_blocks.{level}.attentions.{j}")
+            block = f"down_blocks.{level}"
+            rows += _resblock_rows(f"down.{k}", f"{block}.resnets.{j}", f"{block}.attentions.{j}")
             k += 1
         if level < levels - 1:
             rows.append((f"down.{k}.conv", (f"down_blocks.{level}.downsamplers.0.conv",), False))
@@ -1451,7 +1452,8 @@ def state_from_diffusers(state, cfg, where):
                 raise UserError(f"{where} lacks the weights {missing[0]} that its config.json implies")
             tensor = torch.cat([state.pop(n) for n in names])
             if tensor.numel() != shapes[f"{ours}.{param}"].numel():
-                raise UserError(f"{where}: {names[0]} has shape {tuple(tensor.shape)}, which its config.json does not give")
+                raise UserError(f"{where}: {names[0]} has shape {tuple(tensor.shape)}, which its config.json "
+                                f"does not give")
             out[f"{ours}.{param}"] = tensor.reshape(shapes[f"{ours}.{param}"]).float()
     if state:
         raise UserError(f"{where} has weights this UNet cannot use, e.g. {sorted(state)[0]}")
@@ -1542,7 +1544,8 @@ def read_diffusers(path):
     default DDPMScheduler (the paper's linear 1e-4..0.02, T = 1000), as diffusers would."""
     unet_dir = diffusers_unet_folder(path)
     if unet_dir is None:
-        raise UserError(f"{path} is neither a diffusers folder (config.json and {DIFFUSERS_WEIGHTS[0]}) nor a run folder")
+        raise UserError(f"{path} is neither a diffusers folder (config.json and {DIFFUSERS_WEIGHTS[0]}) "
+                        f"nor a run folder")
     schedule_file = next((p for p in (Path(path) / "scheduler" / "scheduler_config.json",
                                       unet_dir.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
     cfg = config_from_diffusers(_read_json(unet_dir / "config.json"),
@@ -1575,7 +1578,8 @@ def diffusers_configs(cfg):
         raise UserError(f"cannot export to diffusers: UNet2DModel uses norm_num_groups={cfg.norm_groups} for every "
                         f"GroupNorm, but the width {width} is not a multiple of it")
     if cfg.schedule_type == "cosine" and cfg.cosine_s != 0.008:
-        raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, not --cosine_s {cfg.cosine_s:g}")
+        raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, "
+                        f"not --cosine_s {cfg.cosine_s:g}")
     levels = range(len(widths))
     attn = [cfg.use_attention and cfg.image_size // 2 ** level in cfg.attn_resolutions for level in levels]
     unet = dict(_class_name="UNet2DModel", _diffusers_version=DIFFUSERS_VERSION, sample_size=cfg.image_size,
@@ -3096,7 +3100,8 @@ def main(argv=None):
                 return launch_processes(args, argv)
         if args.mode == "sample":
             if not args.checkpoint:
-                raise UserError("--mode sample needs --checkpoint PATH (a .pt file or a run folder)")
+                raise UserError("--mode sample needs --checkpoint PATH (a .pt file, a run folder or a "
+                                "diffusers folder)")
             run_sample(args)
         elif args.mode == "eval":
             run_eval(args)
