@@ -893,8 +893,9 @@ def strided_timesteps(num_timesteps, steps, spacing="uniform", alphas_cumprod=No
     quadratic: t = (T - 1) (i / (K - 1))^2, denser near the data where fine detail forms
                (the spirit of DDIM's "quad" skip), both ends included.
     trailing:  T - 1, T - 1 - T/K, ... (Lin et al. 2024): starts at the last step, ends at T/K - 1.
-    logsnr:    evenly spread in lambda = log(alpha_bar / (1 - alpha_bar)), both ends included
-               (DPM-Solver's "logSNR" steps; needs alphas_cumprod).
+    logsnr:    evenly spread in lambda = log(alpha_bar / (1 - alpha_bar)) from t = 0 to t = T - 1
+               (DPM-Solver's "logSNR" steps; needs alphas_cumprod), or to T - 2 when the last step
+               alone drops lambda by more than the spacing (see _logsnr_grid_end).
     """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
@@ -914,9 +915,23 @@ def strided_timesteps(num_timesteps, steps, spacing="uniform", alphas_cumprod=No
         points = fraction ** 2 * last
     else:
         log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log().cpu()  # decreasing in t
-        targets = log_snr[0] + fraction * (log_snr[-1] - log_snr[0])
+        lowest = log_snr[_logsnr_grid_end(log_snr, steps)]
+        targets = log_snr[0] + fraction * (lowest - log_snr[0])
         points = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).double()  # nearest step
     return _distinct_increasing(points.round().long().tolist(), last)
+
+
+def _logsnr_grid_end(log_snr, steps):
+    """The step whose lambda the logsnr grid ends at: T - 1, or T - 2 when the last step's drop in
+    lambda is wider than the grid spacing. No timestep lies inside that drop, so the sampler crosses
+    it in one step whatever the grid; points placed in it would all round to T - 1 and, pushed apart,
+    crowd the steps before it (the cosine schedule's beta capped at 0.999 drops lambda by 6.9 in its
+    last step: 7 of 20 steps landed on t = 993..999, where x_t is pure noise). Sampling still starts
+    at T - 1. Schedules without such a drop, like the paper's linear one, keep their grid."""
+    last = len(log_snr) - 1
+    if last > 0 and log_snr[last - 1] - log_snr[last] > (log_snr[0] - log_snr[last]) / (steps - 1):
+        return last - 1
+    return last
 
 
 def _distinct_increasing(timesteps, last):
