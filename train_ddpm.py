@@ -1646,6 +1646,14 @@ def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last=
     return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path)), use_ema, device, amp, channels_last)
 
 
+def sampling_weights(ckpt, use_ema=True):
+    """Which weights model_from_checkpoint samples with: "ema", "raw", or for an export or a diffusers
+    folder, which hold one set, "stored"."""
+    if "ema" in ckpt:
+        return "ema" if use_ema else "raw"
+    return "raw" if "optimizer" in ckpt else "stored"
+
+
 def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
     """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
     cfg = config_from_dict(ckpt["config"])
@@ -2716,7 +2724,7 @@ def checked_sampling_steps(args, cfg):
 def export_weights(args, ckpt):
     """--export_safetensors FILE and --export_diffusers DIR: the sampling weights (EMA unless --no_ema)
     in another format. Everything is checked before anything is written."""
-    weights = "EMA" if not args.no_ema and "ema" in ckpt else "raw"
+    weights = sampling_weights(ckpt, not args.no_ema)
     if args.export_safetensors:
         out = Path(args.export_safetensors)
         if out.suffix != ".safetensors":
@@ -2759,7 +2767,7 @@ def run_sample(args):
     seed = cfg.seed if args.seed is None else args.seed
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
-          f"{'EMA' if not args.no_ema else 'raw'} weights, {count_parameters(model) / 1e6:.2f}M parameters")
+          f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters")
 
     images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
                               steps, args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
@@ -2824,7 +2832,7 @@ def run_eval(args):
                                   procs=procs)
         info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
                     spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler],
-                    source="ema" if not args.no_ema else "raw weights", precision=precision_name(model.dtype))
+                    source=sampling_weights(ckpt, not args.no_ema), precision=precision_name(model.dtype))
     if not procs.main:
         return
     reference, name = reference_images(cfg, args.data_dir or cfg.data_dir)
