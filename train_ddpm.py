@@ -87,8 +87,8 @@ class Config:
     attn_resolutions: tuple = _field((16,), "resolutions with self-attention, e.g. 16 or 16,8")
     dropout: float = _field(0.1, "dropout inside residual blocks")
     emb_dim: int = _field(512, "width of the timestep-embedding MLP", aliases=("time_emb_dim",))
-    norm_groups: int = _field(32, "GroupNorm groups: each norm takes the largest divisor of its width up to this "
-                                  "(the paper: 32)")
+    norm_groups: int = _field(32, "GroupNorm groups (the paper: 32); a norm whose width it does not divide takes "
+                                  "their greatest common divisor")
     norm_eps: float = _field(1e-6, "GroupNorm epsilon (the paper's TensorFlow value; checkpoints from before "
                                    "this option used PyTorch's 1e-5)")
     downsample_padding: str = _field("same", "padding of the stride-2 downsampling conv: same pads bottom and right "
@@ -452,8 +452,8 @@ def timestep_embedding(t, dim):
 
 @dataclass(frozen=True)
 class Norm:
-    """The UNet's GroupNorm: `groups` groups (the paper: 32) where the width allows, else the largest
-    divisor of the width below it; epsilon 1e-6 as in the paper's TensorFlow code."""
+    """The UNet's GroupNorm: `groups` groups (the paper: 32) where they divide the width, else the
+    greatest common divisor of the two; epsilon 1e-6 as in the paper's TensorFlow code."""
     groups: int = 32
     eps: float = 1e-6
 
