@@ -121,7 +121,9 @@ def test_kill_9_at_twelve_random_moments_always_resumes_to_the_uninterrupted_wei
         if (run_dir / "latest.pt").exists():
             assert_whole_run_folder(run_dir, settled=False)
     assert kills >= 10, f"only {kills} kills landed before the run finished"
-    result = run_cli(*flags, "--run_name", RUN, "--resume", "latest", cwd=work)
+    # on a busy machine every kill may land before the first save: then the run starts afresh
+    resume = ["--run_name", RUN, "--resume", "latest"] if (run_dir / "latest.pt").exists() else []
+    result = run_cli(*flags, *resume, cwd=work)
     if "already at step" not in result.stderr:
         assert_ok(result)
     done, expected = load_ckpt(run_dir / "latest.pt"), load_ckpt(reference / "checkpoints" / RUN / "latest.pt")
