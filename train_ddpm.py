@@ -1621,18 +1621,19 @@ def export_diffusers(ckpt, folder, use_ema=True):
     source = "ema" if use_ema and "ema" in ckpt else "model"
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "unet").mkdir(parents=True)
-    (tmp / "scheduler").mkdir()
     index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
                  scheduler=["diffusers", "DDPMScheduler"], unet=["diffusers", "UNet2DModel"])
-    for path, content in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet),
-                          (tmp / "scheduler" / "scheduler_config.json", scheduler)):
-        path.write_text(json.dumps(content, indent=2) + "\n")
-    tensors = state_to_diffusers(ckpt[source], cfg)
-    (tmp / "unet" / DIFFUSERS_WEIGHTS[0]).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
-    os.replace(tmp, folder)  # fails if the folder appeared meanwhile; checked empty before
-    return source
+    try:
+        (tmp / "unet").mkdir(parents=True)
+        (tmp / "scheduler").mkdir()
+        for path, content in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet),
+                              (tmp / "scheduler" / "scheduler_config.json", scheduler)):
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        tensors = state_to_diffusers(ckpt[source], cfg)
+        (tmp / "unet" / DIFFUSERS_WEIGHTS[0]).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
+        os.replace(tmp, folder)  # the whole folder appears at once (an empty one in its place is replaced)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written one after a failure
 
 
 def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
