@@ -113,6 +113,8 @@ class Config:
     batch_size: int = _field(128, "images per optimizer step")
     epochs: int = _field(500, "passes over the training set")
     max_steps: int = _field(0, "stop after this many optimizer steps in total (0 = no limit)")
+    max_minutes: float = _field(0.0, "stop after this many minutes of the run (all its sessions; 0 = no limit): "
+                                     "preview, save, and resume later with a larger value")
     seed: int = _field(0, "seed for weights, data order, noise and previews")
     device: str = _field("auto", "where to train", choices=("auto", "cpu", "cuda"))
     # speed: none of these changes what is computed beyond float rounding
@@ -158,7 +160,7 @@ ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_
 
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
                      "num_workers", "data_dir", "log_every",
                      "sample_every", "num_preview", "preview_steps", "save_every", "save_every_steps",
                      "save_every_minutes", "max_bad_steps", "keep_last",
@@ -263,6 +265,7 @@ def validate_config(cfg):
         (cfg.batch_size >= 1, "--batch_size must be at least 1"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.max_steps >= 0, "--max_steps must be >= 0 (0 = no limit)"),
+        (cfg.max_minutes >= 0, "--max_minutes must be >= 0 (0 = no limit)"),
         (cfg.seed >= 0, "--seed must be >= 0"),
         (cfg.num_workers >= 0, "--num_workers must be >= 0"),
         (cfg.train_subset >= 0, "--train_subset must be >= 0 (0 = all images)"),
@@ -2358,6 +2361,9 @@ def train(cfg, resume_from=None):
     if state.step >= total_steps:
         raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
                         f"raise --epochs or --max_steps to train further")
+    if cfg.max_minutes and state.elapsed_s >= 60 * cfg.max_minutes:
+        raise UserError(f"the run has already trained {state.elapsed_s / 60:.1f} minutes; "
+                        f"raise --max_minutes to train further")
 
     # Optional packages fail here, before anything is written.
     fid_during_training = FidDuringTraining(cfg, paths, device) if cfg.fid_every and procs.main else None
@@ -2422,6 +2428,7 @@ def run_epochs(run, resume_from=None):
 
     model.train()
     stopped = None  # why the run stops early: a signal number, or "bad" for non-finite steps
+    out_of_time = False  # --max_minutes reached: the run ends as if complete, resumable with more
     with GracefulStop() as signals:
         for epoch in range(state.step // n_batches, cfg.epochs):
             start_batch = state.step - epoch * n_batches
@@ -2452,14 +2459,16 @@ def run_epochs(run, resume_from=None):
                     stopped = "bad"
                 elif state.step % check_every == 0 or procs.world == 1:
                     stopped = agreed_signal(signals, procs, device)
-                if stopped or state.step >= total_steps:
+                    out_of_time = procs.any(bool(cfg.max_minutes) and meter.elapsed() >= 60 * cfg.max_minutes,
+                                            device)
+                if stopped or out_of_time or state.step >= total_steps:
                     break
                 if procs.main and saver.due(state.step):
                     saver.save(state.step // n_batches, "latest.pt")
             bar.close()
             if stopped == "bad" or (stopped and state.step % n_batches):
                 break  # mid-epoch: straight to the save below
-            finished, epoch_done, pause_start = state.step >= total_steps, epoch + 1, time.perf_counter()
+            finished, epoch_done, pause_start = state.step >= total_steps or out_of_time, epoch + 1, time.perf_counter()
             if procs.main:
                 # evaluate and sample, unless a signal waits: then save at once, before a scheduler's SIGKILL
                 improved = False
@@ -2474,7 +2483,9 @@ def run_epochs(run, resume_from=None):
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")
                 # save
-                if epoch_done % cfg.save_every == 0 or finished or signals.received:
+                if state.step % n_batches:  # out of time mid-epoch
+                    saver.save(state.step // n_batches, "latest.pt")
+                elif epoch_done % cfg.save_every == 0 or finished or signals.received:
                     saver.save(epoch_done)
                 if improved:
                     saver.save(epoch_done, "best.pt")
@@ -2493,6 +2504,9 @@ def run_epochs(run, resume_from=None):
         procs.barrier()
     if stopped:
         raise stop_message(stopped, saver, cfg, procs)
+    if out_of_time and procs.main and state.step < total_steps:
+        print(f"--max_minutes {cfg.max_minutes:g} reached at step {state.step:,} of {total_steps:,}; to train on: "
+              f"{resume_command(saver.last_path, procs)} --max_minutes {2 * cfg.max_minutes:g}")
     return saver.last_path
 
 

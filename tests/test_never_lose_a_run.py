@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import train_ddpm as td
-from test_cli import OFFLINE, RUN, SCRIPT, TINY, assert_ok, describe, load_ckpt, read_loss_log, run_cli
+from test_cli import (OFFLINE, RUN, SCRIPT, STEPS_PER_EPOCH, TINY, assert_ok, describe, load_ckpt, read_loss_log,
+                      run_cli)
 import test_cli
 
 cifar_dir, trained = test_cli.cifar_dir, test_cli.trained  # fixtures shared with test_cli
@@ -149,6 +150,28 @@ def test_n_plus_m_steps_equal_n_steps_then_a_resume_for_m_bit_for_bit(cifar_dir,
     rows_a, rows_b = (read_loss_log(d / "checkpoints" / RUN / "loss_log.csv") for d in (one, two))
     assert [{k: r[k] for k in LOG_VALUES} for r in rows_a] == [{k: r[k] for k in LOG_VALUES} for r in rows_b]
     assert [(r["step"], r["session"]) for r in rows_b if int(r["step"]) > 6] == [(s, "1") for s in ("8", "10", "12", "13")]
+
+
+def test_max_minutes_stops_on_time_with_a_preview_and_a_save_and_resumes_to_the_uninterrupted_weights(
+        cifar_dir, tmp_path):
+    flags = [*TINY, "--dropout", "0.1", "--epochs", "6", "--val_size", "0", "--data_dir", cifar_dir]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert_ok(run_cli(*flags, cwd=one))
+    cut = run_cli(*flags, "--max_minutes", "0.01", cwd=two)  # 0.6 s of a run of 30 steps
+    assert_ok(cut)
+    stopped = load_ckpt(two / "checkpoints" / RUN / "latest.pt")
+    assert 0 < stopped["step"] < 30
+    assert f"--max_minutes 0.01 reached at step {stopped['step']} of 30" in cut.stdout
+    assert "--resume checkpoints" in cut.stdout
+    epoch_in_progress = -(-stopped["step"] // STEPS_PER_EPOCH)  # the preview of the epoch it stopped in
+    assert (two / "samples" / RUN / f"epoch_{epoch_in_progress:04d}.png").exists()
+    again = run_cli("--run_name", RUN, "--resume", "latest", "--max_minutes", "0.01", cwd=two)
+    assert again.returncode == 2 and "raise --max_minutes" in again.stderr
+    assert_ok(run_cli("--run_name", RUN, "--resume", "latest", "--max_minutes", "100", cwd=two))
+    a, b = load_ckpt(one / "checkpoints" / RUN / "latest.pt"), load_ckpt(two / "checkpoints" / RUN / "latest.pt")
+    assert a["step"] == b["step"] == 30
+    assert same_tensors(a["model"], b["model"]) and same_tensors(a["ema"], b["ema"])
 
 
 # --- 4. Non-finite losses and gradients ---------------------------------------------------------------
