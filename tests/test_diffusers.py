@@ -285,20 +285,27 @@ def test_fine_tune_a_diffusers_folder_then_sample_export_and_load_it_back(tmp_pa
 
 
 @pytest.mark.parametrize("where, key, value", [
-    ("scheduler", "prediction_type", "v_prediction"),
     ("scheduler", "variance_type", "learned_range"),
     ("scheduler", "beta_schedule", "scaled_linear"),
     ("unet", "down_block_types", ["CrossAttnDownBlock2D", "DownBlock2D"]),
     ("unet", "attention_head_dim", 8),
     ("unet", "flip_sin_to_cos", True),
 ], ids=lambda v: str(v) if not isinstance(v, list) else "blocks")
-def test_a_diffusers_config_we_cannot_reproduce_is_refused_in_one_line_naming_the_key(tmp_path, where, key, value):
+def test_a_diffusers_config_we_cannot_reproduce_is_refused_naming_the_key(where, key, value):
+    unet, scheduler = dict(REDUCED_UNET), dict(REDUCED_SCHEDULER)
+    {"unet": unet, "scheduler": scheduler}[where][key] = value
+    with pytest.raises(td.UserError, match=key):
+        td.config_from_diffusers(unet, scheduler, "pipe")
+
+
+def test_the_command_line_refuses_such_a_folder_in_one_line_and_writes_nothing(tmp_path):
     folder = tmp_path / "pipe"
     diffusers_pipeline_folder(folder, REDUCED_UNET, REDUCED_SCHEDULER)
-    config = folder / where / ("config.json" if where == "unet" else "scheduler_config.json")
-    config.write_text(json.dumps({**json.loads(config.read_text()), key: value}))
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "v_prediction"}))
     before = snapshot(tmp_path)
-    assert_one_line_error(run_cli("--mode", "sample", "--checkpoint", folder, cwd=tmp_path), key, "pipe")
+    assert_one_line_error(run_cli("--mode", "sample", "--checkpoint", folder, cwd=tmp_path), "prediction_type",
+                          "v_prediction", "pipe")
     assert snapshot(tmp_path) == before
 
 
