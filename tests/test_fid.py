@@ -6,6 +6,7 @@ one optional test runs the real FID Inception when pytorch-fid and ../shared's w
 """
 
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -283,8 +284,18 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
 
 # --- Optional: the real FID Inception on CIFAR-10 (needs pytorch-fid and ../shared) -----------------
 
+@pytest.fixture
+def all_cores():
+    # 2,200 images through the real Inception: big convolutions that every core speeds up, unlike the
+    # tiny tensors for which the test session runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not (FID_WEIGHTS.is_file() and CIFAR_5K.is_file()), reason="needs ../shared FID weights and data")
-def test_fid_of_two_cifar10_halves_is_small_and_of_noise_is_large():
+def test_fid_of_two_cifar10_halves_is_small_and_of_noise_is_large(all_cores):
     pytest.importorskip("pytorch_fid")
     extractor = td.build_fid_inception(FID_WEIGHTS)
     images = np.load(CIFAR_5K)["x_train"][:2000]
