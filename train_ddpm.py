@@ -1558,13 +1558,14 @@ def _read_json(path):
 
 def read_diffusers(path):
     """A checkpoint-like dict (model, config) from a DDPMPipeline or UNet2DModel folder. The schedule
-    comes from the pipeline's scheduler/scheduler_config.json; a lone UNet folder gets diffusers'
-    default DDPMScheduler (the paper's linear 1e-4..0.02, T = 1000), as diffusers would."""
+    comes from the pipeline's scheduler/scheduler_config.json (or one beside the UNet's config.json);
+    a lone UNet folder gets diffusers' default DDPMScheduler (the paper's linear 1e-4..0.02, T = 1000)."""
     unet_dir = diffusers_unet_folder(path)
     if unet_dir is None:
         raise UserError(f"{path} is neither a diffusers folder (config.json and {DIFFUSERS_WEIGHTS[0]}) "
                         f"nor a run folder")
     schedule_file = next((p for p in (Path(path) / "scheduler" / "scheduler_config.json",
+                                      unet_dir / "scheduler_config.json",  # the flat layout of early hub folders
                                       unet_dir.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
     cfg = config_from_diffusers(_read_json(unet_dir / "config.json"),
                                 _read_json(schedule_file) if schedule_file else {}, str(path))

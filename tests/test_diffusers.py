@@ -105,6 +105,10 @@ def test_a_lone_unet_folder_with_old_attention_names_in_a_bin_file_loads_with_th
     with torch.no_grad():
         assert torch.allclose(model(x, t), theirs(x, t).sample, atol=1e-5, rtol=0)
     assert (cfg.schedule_type, cfg.timesteps, cfg.beta_start, cfg.beta_end) == ("linear", 1000, 1e-4, 0.02)
+    # the flat layout of early hub folders: the scheduler's config beside the UNet's
+    (folder / "scheduler_config.json").write_text(json.dumps(REDUCED_SCHEDULER))
+    _, _, cfg = td.load_checkpoint(folder, amp="off")
+    assert (cfg.schedule_type, cfg.timesteps) == ("cosine", 50)
 
 
 def our_checkpoint(path, cfg, seed=0):
