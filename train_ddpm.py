@@ -2484,9 +2484,7 @@ def run_epochs(run, resume_from=None):
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")
                 # save
-                if state.step % n_batches:  # out of time mid-epoch
-                    saver.save(state.step // n_batches, "latest.pt")
-                elif epoch_done % cfg.save_every == 0 or finished or signals.received:
+                if epoch_done % cfg.save_every == 0 or finished or signals.received:
                     saver.save(epoch_done)
                 if improved:
                     saver.save(epoch_done, "best.pt")
