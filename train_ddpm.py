@@ -1149,6 +1149,15 @@ LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "l
                     "bad_steps", "images_per_s", "elapsed_s", "session", "val_loss", "fid")
 
 
+def csv_text(columns, rows):
+    """A CSV file's text: the header, then the rows (dicts; keys outside columns ignored)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
 class LossLog:
     """checkpoints/<run>/loss_log.csv, one row per log_every steps, flushed as it goes.
 
@@ -1182,12 +1191,7 @@ class LossLog:
         return rows
 
     def _rewrite(self, rows):
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOSS_LOG_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        atomic_write_text(csv_text(LOSS_LOG_COLUMNS, rows), self.path)
 
     def write(self, **row):
         self.writer.writerow({name: row.get(name, "") for name in LOSS_LOG_COLUMNS})
@@ -1975,19 +1979,12 @@ def append_csv_row(path, columns, row):
             reader = csv.DictReader(f)
             rows = list(reader) if tuple(reader.fieldnames or ()) != tuple(columns) else None
         if rows is not None:
-            atomic_write_text(_csv_text(columns, rows), path)
+            atomic_write_text(csv_text(columns, rows), path)
     else:
-        atomic_write_text(_csv_text(columns, []), path)
+        atomic_write_text(csv_text(columns, []), path)
     with open(path, "a", newline="") as f:
         csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(row)
 
-
-def _csv_text(columns, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
 
 
 # --- Training loop --------------------------------------------------------------------------------
