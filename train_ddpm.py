@@ -1350,11 +1350,24 @@ def _safetensors():
     return safetensors
 
 
+def sampling_source(ckpt, use_ema=True):
+    """The key of the weights that sampling and exports use: "ema" unless use_ema=False or the
+    checkpoint keeps none (an export or a diffusers folder holds one set, under "model")."""
+    return "ema" if use_ema and "ema" in ckpt else "model"
+
+
+def sampling_weights(ckpt, use_ema=True):
+    """Those weights in words: "ema", "raw", or "stored" for the one set of an export or diffusers folder."""
+    if sampling_source(ckpt, use_ema) == "ema":
+        return "ema"
+    return "raw" if "ema" in ckpt or "optimizer" in ckpt else "stored"
+
+
 def export_safetensors(ckpt, path, use_ema=True):
     """The sampling weights (EMA unless use_ema=False) and the config as a .safetensors file: no
     pickle at all, so any tool can read it without trusting it."""
     safetensors = _safetensors()
-    source = "ema" if use_ema and "ema" in ckpt else "model"
+    source = sampling_source(ckpt, use_ema)
     tensors = {name: t.contiguous() for name, t in ckpt[source].items()}
     metadata = dict(format="train_ddpm/2", config=json.dumps(ckpt["config"]), weights=source,
                     step=str(ckpt.get("step", 0)), epoch=str(ckpt.get("epoch", 0)))
@@ -1575,10 +1588,9 @@ def read_diffusers(path):
                                 _read_json(schedule_file) if schedule_file else {}, str(path))
     weights = next(unet_dir / w for w in DIFFUSERS_WEIGHTS if (unet_dir / w).is_file())
     if weights.suffix == ".safetensors":
+        safetensors = _safetensors()
         try:
-            state = _safetensors().torch.load_file(str(weights))
-        except UserError:
-            raise
+            state = safetensors.torch.load_file(str(weights))
         except Exception as e:
             raise UserError(f"{weights} is unreadable or corrupt ({type(e).__name__}: {str(e)[:200]})") from None
     else:
@@ -1626,7 +1638,7 @@ def export_diffusers(ckpt, folder, use_ema=True):
     cfg = config_from_dict(ckpt["config"])
     unet, scheduler = diffusers_configs(cfg)
     safetensors = _safetensors()
-    source = "ema" if use_ema and "ema" in ckpt else "model"
+    source = sampling_source(ckpt, use_ema)
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
@@ -1655,19 +1667,11 @@ def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last=
     return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path)), use_ema, device, amp, channels_last)
 
 
-def sampling_weights(ckpt, use_ema=True):
-    """Which weights model_from_checkpoint samples with: "ema", "raw", or for an export or a diffusers
-    folder, which hold one set, "stored"."""
-    if "ema" in ckpt:
-        return "ema" if use_ema else "raw"
-    return "raw" if "optimizer" in ckpt else "stored"
-
-
 def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
     """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
     cfg = config_from_dict(ckpt["config"])
     model = build_model(cfg)
-    model.load_state_dict(ckpt["ema"] if use_ema and "ema" in ckpt else ckpt["model"])
+    model.load_state_dict(ckpt[sampling_source(ckpt, use_ema)])
     device = torch.device(device)
     layout = use_channels_last(channels_last, device)
     model = place_model(model, device, layout).eval()
