@@ -89,6 +89,9 @@ class Config:
     emb_dim: int = _field(512, "width of the timestep-embedding MLP", aliases=("time_emb_dim",))
     norm_groups: int = _field(32, "GroupNorm groups (the paper: 32); a norm whose width it does not divide takes "
                                   "their greatest common divisor")
+    norm_min_channels: int = _field(4, "fewest channels in a GroupNorm group (the paper's 128-wide levels have 4); "
+                                       "narrow levels get fewer groups. One channel per group would erase the "
+                                       "timestep embedding, a per-channel constant, leaving that block blind to t")
     norm_eps: float = _field(1e-6, "GroupNorm epsilon (the paper's TensorFlow value; checkpoints from before "
                                    "this option used PyTorch's 1e-5)")
     downsample_padding: str = _field("same", "padding of the stride-2 downsampling conv: same pads bottom and right "
@@ -155,7 +158,7 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # What the weights were trained for: a run started --init_from a checkpoint takes these from it.
 ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "use_attention",
-                       "attn_resolutions", "emb_dim", "norm_groups", "norm_eps", "downsample_padding",
+                       "attn_resolutions", "emb_dim", "norm_groups", "norm_min_channels", "norm_eps", "downsample_padding",
                        "timesteps", "schedule_type", "beta_start", "beta_end", "cosine_s")
 
 # A resumed run may change only how it is driven and watched; anything else would silently make it
@@ -252,6 +255,7 @@ def validate_config(cfg):
         (0.0 <= cfg.dropout < 1.0, "--dropout must be in [0, 1)"),
         (cfg.emb_dim >= 1, "--emb_dim must be positive"),
         (cfg.norm_groups >= 1, "--norm_groups must be at least 1"),
+        (cfg.norm_min_channels >= 1, "--norm_min_channels must be at least 1"),
         (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
@@ -455,13 +459,25 @@ def timestep_embedding(t, dim):
 
 @dataclass(frozen=True)
 class Norm:
-    """The UNet's GroupNorm: `groups` groups (the paper: 32) where they divide the width, else the
-    greatest common divisor of the two; epsilon 1e-6 as in the paper's TensorFlow code."""
+    """The UNet's GroupNorm, epsilon 1e-6 as in the paper's TensorFlow code. Its group count is the
+    largest divisor of gcd(groups, width) that leaves at least `min_channels` channels per group.
+
+    Why the minimum: a ResBlock adds the timestep embedding as one constant per channel, just before
+    a GroupNorm. A group of one channel subtracts exactly that constant again, so a block of such
+    norms cannot see t, and a network made only of them predicts the same noise at every noise
+    level. The paper's 32 groups at 128 channels hold 4 channels each (unchanged by the default);
+    32 groups at a 32-wide level would be instance norm."""
     groups: int = 32
     eps: float = 1e-6
+    min_channels: int = 4
+
+    def group_count(self, channels):
+        common = math.gcd(self.groups, channels)
+        return max((g for g in range(1, common + 1) if common % g == 0 and channels // g >= self.min_channels),
+                   default=1)
 
     def __call__(self, channels):
-        return nn.GroupNorm(math.gcd(self.groups, channels), channels, eps=self.eps)
+        return nn.GroupNorm(self.group_count(channels), channels, eps=self.eps)
 
 
 def zero_init(module):
@@ -547,10 +563,10 @@ class UNet(nn.Module):
 
     def __init__(self, image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, emb_dim=512, use_attention=True,
-                 norm_groups=32, norm_eps=1e-6, downsample_padding="same"):
+                 norm_groups=32, norm_eps=1e-6, downsample_padding="same", norm_min_channels=4):
         super().__init__()
         self.base_channels = base_channels
-        norm = Norm(norm_groups, norm_eps)
+        norm = Norm(norm_groups, norm_eps, norm_min_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.head = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         attn_at = set(attn_resolutions) if use_attention else set()
@@ -611,7 +627,8 @@ def build_model(cfg):
     return UNet(image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
                 num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
                 dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention,
-                norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding)
+                norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding,
+                norm_min_channels=cfg.norm_min_channels)
 
 
 def count_parameters(model):
@@ -1279,7 +1296,7 @@ def find_latest_checkpoint(run_dir):
 
 # Fields added after checkpoints were first written, with the value those older checkpoints were
 # trained with: a saved config without the field gets this value, not today's default.
-LEGACY_VALUES = dict(norm_eps=1e-5, downsample_padding="symmetric")
+LEGACY_VALUES = dict(norm_eps=1e-5, downsample_padding="symmetric", norm_min_channels=1)
 
 
 def config_from_dict(values):
@@ -1515,6 +1532,9 @@ def config_from_diffusers(unet, scheduler, where):
     widths, base = list(unet["block_out_channels"]), unet["block_out_channels"][0]
     if any(w % base for w in widths):
         refuse("block_out_channels", widths, "every width must be a multiple of the first")
+    groups = unet["norm_num_groups"]
+    if any(w % groups for w in widths):
+        refuse("norm_num_groups", groups, "it must divide every width")
     down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
     if len(down) != len(widths) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
         refuse("down_block_types", down, "DownBlock2D or AttnDownBlock2D, one per width")
@@ -1550,7 +1570,7 @@ def config_from_diffusers(unet, scheduler, where):
                   num_res_blocks=unet["layers_per_block"], use_attention=bool(unet["add_attention"]),
                   attn_resolutions=tuple(size // 2 ** level for level in attn_levels),
                   dropout=float(unet["dropout"]), emb_dim=unet["time_embedding_dim"] or 4 * base,
-                  norm_groups=unet["norm_num_groups"], norm_eps=float(unet["norm_eps"]),
+                  norm_groups=groups, norm_min_channels=min(Config.norm_min_channels, min(widths) // groups), norm_eps=float(unet["norm_eps"]),
                   downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
                   timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
                   beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
@@ -1608,10 +1628,11 @@ def diffusers_configs(cfg):
     widths = [cfg.base_channels * m for m in cfg.channel_mults]
     with torch.device("meta"):
         norms = [m for m in build_model(cfg).modules() if isinstance(m, nn.GroupNorm)]
-    if any(n.num_groups != cfg.norm_groups for n in norms):
-        width = next(n.num_channels for n in norms if n.num_groups != cfg.norm_groups)
+    odd = next((n for n in norms if n.num_groups != cfg.norm_groups), None)
+    if odd is not None:
         raise UserError(f"cannot export to diffusers: UNet2DModel uses norm_num_groups={cfg.norm_groups} for every "
-                        f"GroupNorm, but the width {width} is not a multiple of it")
+                        f"GroupNorm, but the width {odd.num_channels} has {odd.num_groups} groups "
+                        f"(--norm_groups and --norm_min_channels decide them)")
     if cfg.schedule_type == "cosine" and cfg.cosine_s != 0.008:
         raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, "
                         f"not --cosine_s {cfg.cosine_s:g}")

@@ -328,10 +328,12 @@ def test_a_checkpoint_from_before_the_paper_padding_and_eps_still_samples_as_it_
     eps 1e-5 and padding on every side: diffusers' UNet2DModel with exactly those settings
     (downsample_padding=1, norm_eps=1e-5) gives the images our sampler makes from it."""
     cfg = td.Config(**{**td.PRESETS["quick_test"], "base_channels": 32, "channel_mults": (1, 2), "timesteps": 20,
-                       "beta_start": 0.005, "beta_end": 0.999, "norm_eps": 1e-5, "downsample_padding": "symmetric"})
+                       "beta_start": 0.005, "beta_end": 0.999, "norm_eps": 1e-5, "downsample_padding": "symmetric",
+                       "norm_min_channels": 1})
     _, ema = our_checkpoint(tmp_path / "old.pt", cfg)
     ckpt = load_ckpt(tmp_path / "old.pt")
-    del ckpt["config"]["norm_eps"], ckpt["config"]["downsample_padding"]  # as written before they existed
+    for new_field in ("norm_eps", "downsample_padding", "norm_min_channels"):  # as written before they existed
+        del ckpt["config"][new_field]
     torch.save(ckpt, tmp_path / "old.pt")
     assert_ok(run_cli("--mode", "sample", "--checkpoint", "old.pt", "--sampler", "ddim", "--sampling_steps", "5",
                       "--num_samples", "4", "--amp", "off", "--out", "out", cwd=tmp_path))
@@ -349,6 +351,7 @@ def test_a_checkpoint_from_before_the_paper_padding_and_eps_still_samples_as_it_
         return td.to_uint8(x).astype(int)
 
     assert np.abs(sample_with(lambda x, t: legacy(x, t).sample) - samples).max() <= 1
-    today = td.build_model(td.dataclasses.replace(cfg, norm_eps=1e-6, downsample_padding="same")).eval()
+    today = td.build_model(td.dataclasses.replace(cfg, norm_eps=1e-6, downsample_padding="same",
+                                                  norm_min_channels=4)).eval()
     today.load_state_dict(ema.state_dict())
     assert np.abs(sample_with(today) - samples).max() > 10  # the recorded values are what make it so

@@ -564,16 +564,49 @@ def test_the_unets_normalisation_and_downsampling_are_the_papers_tensorflow_choi
             assert torch.equal(out[0, 0, 1:, 1:], x[0, 0, 1:-1:2, 1:-1:2])
 
 
+def group_counts(model):
+    return {(m.num_channels, m.num_groups) for m in model.modules() if isinstance(m, torch.nn.GroupNorm)}
+
+
+def test_narrow_levels_get_fewer_groups_so_every_block_still_sees_the_timestep():
+    # One channel per group subtracts the per-channel constant the timestep embedding adds, exactly:
+    # a UNet whose every norm is like that predicts the same noise at t = 10 and t = 900.
+    def difference_between_t(**norm):
+        torch.manual_seed(0)
+        model = td.UNet(base_channels=32, channel_mults=(1, 1), num_res_blocks=1, emb_dim=64, dropout=0.0,
+                        **norm).eval()
+        for module in model.modules():  # wake the zero-initialised layers so the output is not 0
+            if getattr(module, "zero_init", False):
+                torch.nn.init.normal_(module.weight, std=0.05)
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            early, late = model(x, torch.tensor([10, 10])), model(x, torch.tensor([900, 900]))
+        assert early.abs().mean() > 0.05
+        return (early - late).abs().max().item(), group_counts(model)
+
+    blind, groups = difference_between_t(norm_groups=32, norm_min_channels=1)
+    assert blind < 1e-4 and {g for _, g in groups} == {32}
+    sees, groups = difference_between_t(norm_groups=32)  # the default: at least 4 channels per group
+    assert sees > 0.05 and groups == {(32, 8), (64, 16)}
+    # the rule: the largest divisor of gcd(groups, width) leaving min_channels per group
+    assert [td.Norm(32, min_channels=4).group_count(c) for c in (8, 16, 32, 48, 64, 96, 128, 256, 6)] == \
+           [2, 4, 8, 8, 16, 16, 32, 32, 1]
+    assert td.Norm(32, min_channels=1).group_count(32) == 32 and td.Norm(8, min_channels=4).group_count(64) == 8
+    # the paper's model and the presets built on its width keep 32 groups everywhere
+    assert {g for _, g in group_counts(td.UNet())} == {32}
+
+
 def test_a_checkpoint_config_without_the_new_architecture_fields_keeps_the_values_it_was_trained_with():
     saved = td.asdict(td.preset_config("quick_test", {}))
-    del saved["norm_eps"], saved["downsample_padding"]
+    del saved["norm_eps"], saved["downsample_padding"], saved["norm_min_channels"]
     old = td.config_from_dict(saved)
-    assert (old.norm_eps, old.downsample_padding) == (1e-5, "symmetric")
+    assert (old.norm_eps, old.downsample_padding, old.norm_min_channels) == (1e-5, "symmetric", 1)
     model = td.build_model(old)
     assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+    assert (32, 32) in group_counts(model)  # trained with one channel per group at the 32-wide level
     assert all(m.conv.padding == (1, 1) for m in model.modules() if isinstance(m, td.Downsample))
     new = td.config_from_dict(td.asdict(td.preset_config("quick_test", {})))
-    assert (new.norm_eps, new.downsample_padding) == (1e-6, "same")
+    assert (new.norm_eps, new.downsample_padding, new.norm_min_channels) == (1e-6, "same", 4)
 
 
 def test_untrained_unet_predicts_exactly_zero_noise():
