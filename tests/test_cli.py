@@ -573,7 +573,7 @@ def _run_locked_by_a_live_process(trained, tmp_path):
 BAD_INPUTS = [
     # id, setup (returns a path the arguments use as {p}), arguments, fragments of the message
     ("unknown-preset", None, ["--preset", "nope"],
-     ["nope", "quick_test", "cifar10_optimized", "ddpm_paper", "best_quality", "fastest", "low_memory"]),
+     ["nope", "quick_test", "cifar10_optimized", "ddpm_paper", "best_quality", "fastest", "low_memory", "cpu_hour"]),
     ("negative-learning-rate", None, ["--preset", "quick_test", "--learning_rate", "-0.001"], ["--learning_rate"]),
     ("beta-start-above-beta-end", None, ["--preset", "quick_test", "--beta_start", "0.2", "--beta_end", "0.1"],
      ["--beta_start", "--beta_end"]),
