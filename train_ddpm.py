@@ -571,11 +571,15 @@ class UNet(nn.Module):
 
     def __init__(self, image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
                  num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, emb_dim=512, use_attention=True,
-                 norm_groups=32, norm_eps=1e-6, downsample_padding="same", norm_min_channels=4):
+                 norm_groups=32, norm_eps=1e-6, downsample_padding="same", norm_min_channels=4, num_classes=0):
         super().__init__()
-        self.base_channels = base_channels
+        self.base_channels, self.num_classes = base_channels, num_classes
         norm = Norm(norm_groups, norm_eps, norm_min_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes:
+            # A learned vector per class added to the timestep embedding (as improved-diffusion and
+            # EDM do), and one more row, index num_classes, for "no class": label -1.
+            self.class_emb = nn.Embedding(num_classes + 1, emb_dim)
         self.head = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         attn_at = set(attn_resolutions) if use_attention else set()
 
@@ -615,8 +619,15 @@ class UNet(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
+        """y: (B,) int64 class labels of a class-conditional UNet, -1 (or None for all) = no class."""
         emb = self.time_mlp(timestep_embedding(t, self.base_channels))
+        if self.num_classes:
+            if y is None:
+                y = torch.full_like(t, -1)
+            emb = emb + self.class_emb(torch.where(y < 0, self.num_classes, y))
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional UNet")
         h = self.head(x)
         skips = [h]
         for block in self.down:
@@ -700,13 +711,14 @@ class Precision(nn.Module):
         self.net, self.device_type, self.dtype, self.channels_last = net, device.type, dtype, channels_last
         self.train(net.training)  # samplers switch dropout off through the wrapper and back
 
-    def forward(self, x, t):
+    def forward(self, x, t, y=None):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        labels = () if y is None else (y,)  # an unconditional UNet is called exactly as before
         if self.dtype is None:
-            return self.net(x, t).float()
+            return self.net(x, t, *labels).float()
         with torch.autocast(self.device_type, dtype=self.dtype):
-            return self.net(x, t).float()
+            return self.net(x, t, *labels).float()
 
 
 def derived_seed(*keys):
@@ -892,21 +904,45 @@ class GaussianDiffusion(nn.Module):
 
     def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, generator=None,
                clip_denoised=True, var_type="fixedlarge", noise=None, progress=False,
-               timestep_spacing=None):
-        """Generate images (B, C, H, W), in [-1, 1] when clip_denoised. `model(x_t, t)` predicts the noise."""
+               timestep_spacing=None, classes=None, guidance_scale=1.0):
+        """Generate images (B, C, H, W), in [-1, 1] when clip_denoised. `model(x_t, t)` predicts the
+        noise; with `classes` ((B,) int64 labels, -1 = no class) it is called as model(x_t, t, y)
+        and guided with `guidance_scale` (see guided_noise_predictor)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        predictor = model if classes is None else guided_noise_predictor(model, classes, guidance_scale)
         kwargs = {"ddpm": dict(var_type=var_type), "ddim": dict(eta=eta), "dpmpp2m": {}}[sampler]
         kwargs["spacing"] = timestep_spacing or DEFAULT_SPACING[sampler]
         was_training = getattr(model, "training", False)
         if was_training:
             model.eval()  # dropout off while sampling
         try:
-            return SAMPLERS[sampler](model, self, shape, steps=steps, generator=generator,
+            return SAMPLERS[sampler](predictor, self, shape, steps=steps, generator=generator,
                                      clip_denoised=clip_denoised, noise=noise, progress=progress, **kwargs)
         finally:
             if was_training:
                 model.train()
+
+
+def guided_noise_predictor(model, classes, scale):
+    """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond),
+    so w = 1 samples the class-conditional model, w = 0 the unconditional one, and w > 1 moves
+    samples further towards what distinguishes the class. Both predictions come from one call on
+    the doubled batch; rows labelled -1 are unconditional either way."""
+    if scale < 0:
+        raise ValueError(f"guidance scale must be at least 0, got {scale}")
+    classes = torch.as_tensor(classes, dtype=torch.long)
+    if scale == 1:
+        return lambda x, t: model(x, t, classes.to(x.device))
+    if scale == 0:
+        return lambda x, t: model(x, t, torch.full_like(classes, -1).to(x.device))
+
+    def predict(x, t):
+        y = classes.to(x.device)
+        both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)]))
+        eps_cond, eps_uncond = both.chunk(2)
+        return eps_uncond + scale * (eps_cond - eps_uncond)
+    return predict
 
 
 # --- Samplers: DDPM ancestral, DDIM, DPM-Solver++(2M) -----------------------------------------
