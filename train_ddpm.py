@@ -104,7 +104,7 @@ class Config:
     beta_end: float = _field(0.02, "last beta of the linear schedule")
     cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)")
     # optimisation
-    learning_rate: float = _field(2e-4, "peak AdamW learning rate")
+    learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",))
     weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
     warmup_steps: int = _field(1000, "linear learning-rate warmup, in optimizer steps")
     scheduler: str = _field("cosine_restarts", "learning rate after warmup", choices=("cosine_restarts", "constant"))
@@ -129,13 +129,14 @@ class Config:
     compile: bool = _field(False, "torch.compile the UNet: minutes of compiling first, faster steps after "
                                   "(for long GPU runs)")
     fused_adamw: bool = _field(True, "one fused AdamW kernel for all parameters")
-    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)")
+    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)", aliases=("workers",))
     # monitoring and saving
-    log_every: int = _field(50, "write a loss-log row every this many steps")
+    log_every: int = _field(50, "write a loss-log row every this many steps", aliases=("log_interval",))
     sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)")
     num_preview: int = _field(10, "images in each preview grid")
     preview_steps: int = _field(50, "DDIM steps used for previews")
-    save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)")
+    save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)",
+                            aliases=("save_freq",))
     save_every_steps: int = _field(0, "also save latest.pt every this many steps (0 = off), so a crash "
                                       "loses minutes, not an epoch")
     save_every_minutes: float = _field(30.0, "also save latest.pt every this many minutes (0 = off; the paper's "
@@ -145,7 +146,8 @@ class Config:
     keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)")
     early_stopping: bool = _field(False, "stop when the validation loss (or FID, with --fid_every) has not "
                                          "improved for --patience evaluations")
-    patience: int = _field(10, "evaluations without improvement before early stopping")
+    patience: int = _field(10, "evaluations without improvement before early stopping",
+                          aliases=("early_stopping_patience",))
     fid_every: int = _field(0, "compute FID every this many epochs with 20-step DPM-Solver++ (0 = never; "
                                "needs pip install pytorch-fid)")
     fid_samples: int = _field(10_000, "samples per FID during training")

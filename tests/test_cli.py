@@ -733,10 +733,17 @@ def test_seed_aliases_and_boolean_flags_reach_the_saved_config_and_the_model(cif
     i = TINY.index("--base_channels")
     assert_ok(run_cli(*TINY[:i], *TINY[i + 2:], "--hidden_dim", "16",
                       "--time_emb_dim", "24", "--use_attention", "False", "--no_flip", "--epochs", "1",
-                      "--data_dir", cifar_dir, cwd=tmp_path))
+                      # the spellings of other trainers, shown in --help
+                      "--lr", "0.002", "--save_freq", "3", "--log_interval", "5", "--workers", "2",
+                      "--early_stopping_patience", "4", "--data_dir", cifar_dir, cwd=tmp_path))
     run_dir = tmp_path / "checkpoints" / RUN
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["base_channels"], saved["emb_dim"], saved["use_attention"], saved["flip"]) == (16, 24, False, False)
+    assert [saved[k] for k in ("learning_rate", "save_every", "log_every", "num_workers", "patience")] == [
+        0.002, 3, 5, 2, 4]
+    assert read_loss_log(run_dir / "loss_log.csv")[0]["step"] == "5"
+    usage = run_cli("--help", cwd=tmp_path).stdout
+    assert all(f"--{a}" in usage for a in ("lr", "save_freq", "log_interval", "workers", "early_stopping_patience"))
     weights = load_ckpt(run_dir / "latest.pt")["model"]
     assert not any(".attn." in k for k in weights), "no attention block when --use_attention False"
     assert weights["time_mlp.0.weight"].shape == (24, 16)
