@@ -77,6 +77,14 @@ class Config:
     image_size: int = _field(32, "image side in pixels (folder images are resized and center-cropped)")
     flip: bool = _field(True, "random horizontal flips (--no_flip to disable)")
     train_subset: int = _field(0, "train on a fixed random N of the images (0 = all), for quick runs")
+    class_conditional: bool = _field(False, "train with class labels: CIFAR-10's 10 classes, or a folder's first-level "
+                                            "subfolders (data_dir/<class>/...); sample with --class_label and "
+                                            "--guidance_scale")
+    class_dropout: float = _field(0.1, "fraction of training labels replaced by 'no class', so one network is both "
+                                       "conditional and unconditional (classifier-free guidance)")
+    guidance_scale: float = _field(1.0, "classifier-free guidance w of previews and samples of a class-conditional "
+                                        "model: eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, "
+                                        "0 = unconditional, above 1 stresses the class")
     val_size: int = _field(1000, "images for the validation loss: CIFAR-10's test split, or held out of a "
                                  "folder (at most a tenth of it); 0 = no validation")
     # model: the DDPM UNet (Ho et al. 2020, Appendix B)
@@ -161,12 +169,12 @@ CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # What the weights were trained for: a run started --init_from a checkpoint takes these from it.
 ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "use_attention",
                        "attn_resolutions", "emb_dim", "norm_groups", "norm_min_channels", "norm_eps", "downsample_padding",
-                       "timesteps", "schedule_type", "beta_start", "beta_end", "cosine_s")
+                       "class_conditional", "timesteps", "schedule_type", "beta_start", "beta_end", "cosine_s")
 
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
-                     "num_workers", "data_dir", "log_every",
+                     "num_workers", "data_dir", "log_every", "guidance_scale",
                      "sample_every", "num_preview", "preview_steps", "save_every", "save_every_steps",
                      "save_every_minutes", "max_bad_steps", "keep_last",
                      "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
@@ -198,6 +206,8 @@ PRESETS = {
     # One hour on a 2-core CPU is about 5,000 steps of 64: a 1.1M-parameter UNet at a constant high
     # LR with a short EMA, so the weights sampled at the end average the last few thousand steps.
     # 8 groups at every width keep it exportable to diffusers' UNet2DModel (one group count).
+    "cifar10_cond": dict(base_channels=64, emb_dim=256, learning_rate=3e-4, epochs=300, restart_period=50,
+                         class_conditional=True, class_dropout=0.1, guidance_scale=2.0),
     "cpu_hour": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128, norm_groups=8,
                      dropout=0.0, batch_size=64, learning_rate=1e-3, warmup_steps=200, scheduler="constant",
                      grad_clip=1.0, ema_decay=0.999, epochs=10_000, max_minutes=60.0, val_size=0,
@@ -215,6 +225,7 @@ PRESET_NOTES = {
     "best_quality": "the paper's UNet with a narrower time embedding, cosine schedule",
     "fastest": "small UNet without attention",
     "low_memory": "half-width UNet at a small batch",
+    "cifar10_cond": "cifar10_optimized with class labels: pick the class, guided previews",
     "cpu_hour": "small UNet for 60 minutes of a CPU: the best images an hour gives",
 }
 DEFAULT_PRESET = "cifar10_optimized"
@@ -266,6 +277,8 @@ def validate_config(cfg):
         (cfg.emb_dim >= 1, "--emb_dim must be positive"),
         (cfg.norm_groups >= 1, "--norm_groups must be at least 1"),
         (cfg.norm_min_channels >= 1, "--norm_min_channels must be at least 1"),
+        (0 <= cfg.class_dropout < 1, "--class_dropout must be in [0, 1)"),
+        (cfg.guidance_scale >= 0, "--guidance_scale must be at least 0"),
         (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
@@ -319,6 +332,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_TEST_BATCH = "test_batch"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -332,26 +346,29 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def load_cifar10_train(data_dir):
-    """The 50,000 CIFAR-10 training images as uint8 (N, 3, 32, 32), downloading them if missing."""
+def load_cifar10_train(data_dir, with_labels=False):
+    """The 50,000 CIFAR-10 training images as uint8 (N, 3, 32, 32), downloading them if missing;
+    with_labels: also their int64 labels (N,), indices into CIFAR10_CLASSES."""
     folder = Path(data_dir) / "cifar-10-batches-py"
     if not all((folder / name).is_file() for name in CIFAR10_TRAIN_BATCHES):
         download_cifar10(data_dir)
-    return read_cifar10_batches(folder, CIFAR10_TRAIN_BATCHES)
+    return read_cifar10_batches(folder, CIFAR10_TRAIN_BATCHES, with_labels)
 
 
-def read_cifar10_batches(folder, names):
-    """CIFAR-10 pickle batches as one uint8 array (N, 3, 32, 32)."""
-    batches = []
+def read_cifar10_batches(folder, names, with_labels=False):
+    """CIFAR-10 pickle batches as one uint8 array (N, 3, 32, 32) (and the int64 labels (N,))."""
+    batches, labels = [], []
     for name in names:
         try:
             with open(folder / name, "rb") as f:
                 batch = _NumpyOnlyUnpickler(f, encoding="bytes").load()
             batches.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64) if with_labels else None)
         except Exception as e:
             raise UserError(f"{folder / name} is not a readable CIFAR-10 batch ({e}); delete "
                             f"{folder} and run again to download it afresh") from None
-    return np.concatenate(batches)
+    images = np.concatenate(batches)
+    return (images, np.concatenate(labels)) if with_labels else images
 
 
 def download_cifar10(data_dir):
@@ -374,11 +391,27 @@ def subset_indices(total, subset, seed):
     return np.sort(np.random.default_rng(seed).choice(total, size=subset, replace=False))
 
 
-def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0, val_size=0):
+def folder_classes(root, paths):
+    """Class labels from the first-level subfolders (root/<class>/..., torchvision's ImageFolder
+    convention): (int64 labels (N,), the sorted class names)."""
+    parts = [p.relative_to(root).parts for p in paths]
+    loose = next((p for p, part in zip(paths, parts) if len(part) == 1), None)
+    if loose is not None:
+        raise UserError(f"--class_conditional needs every image in a class subfolder of {root}, but {loose} "
+                        f"is not; move it into <class>/ or remove it")
+    names = sorted({part[0] for part in parts})
+    if len(names) < 2:
+        raise UserError(f"--class_conditional needs at least 2 class subfolders in {root}, found {len(names)}")
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[part[0]] for part in parts], dtype=np.int64), names
+
+
+def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0, val_size=0, with_labels=False):
     """Every .png/.jpg/.jpeg under data_dir (recursively) as RGB uint8 (N, 3, S, S): resized so the
     short side is S, then center-cropped, and decoded once so training never waits on files.
     Returns (train, val): val is a fixed random min(val_size, N // 10) of the images, held out;
-    train is the rest, or a fixed random `subset` of it."""
+    train is the rest, or a fixed random `subset` of it. with_labels: (train, val, the training
+    images' class labels, the class names), classes from folder_classes."""
     from PIL import Image, ImageOps
     root = Path(data_dir)
     if not root.is_dir():
@@ -388,9 +421,11 @@ def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0, val_s
         raise UserError(f"no .png/.jpg/.jpeg images under {data_dir}")
     n_val = min(val_size, len(paths) // 10)
     held_out = set(subset_indices(len(paths), n_val, seed + 1).tolist()) if n_val else set()
+    labels, names = folder_classes(root, paths) if with_labels else (None, None)
     val_paths = [p for i, p in enumerate(paths) if i in held_out]
-    paths = [p for i, p in enumerate(paths) if i not in held_out]
-    paths = [paths[i] for i in subset_indices(len(paths), subset, seed)]
+    keep = [i for i in range(len(paths)) if i not in held_out]
+    keep = [keep[i] for i in subset_indices(len(keep), subset, seed)]
+    paths = [paths[i] for i in keep]
 
     def decode(path):
         try:
@@ -403,32 +438,49 @@ def load_image_folder(data_dir, image_size, num_workers, subset=0, seed=0, val_s
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         images = list(tqdm(pool.map(decode, paths + val_paths), total=len(paths) + len(val_paths),
                            desc="decoding images", unit="img", leave=False, disable=len(paths) < 1000))
-    return np.stack(images[:len(paths)]), (np.stack(images[len(paths):]) if val_paths else None)
+    train, val = np.stack(images[:len(paths)]), (np.stack(images[len(paths):]) if val_paths else None)
+    return (train, val, labels[keep], names) if with_labels else (train, val)
+
+
+class TrainingData(NamedTuple):
+    images: torch.Tensor             # uint8 (N, 3, S, S)
+    val: Optional[torch.Tensor]      # uint8 validation images, or None
+    labels: Optional[torch.Tensor]   # int64 (N,) class labels of a class-conditional run, else None
+    class_names: tuple               # the names of the classes (empty when unconditional)
 
 
 def load_dataset(cfg):
-    """The training and validation images as uint8 tensors (N, 3, S, S); validation is None when
-    there is none (--val_size 0, or no CIFAR-10 test batch)."""
+    """The training and validation images as uint8 tensors (N, 3, S, S), and the training images'
+    classes when cfg.class_conditional. Validation is None when there is none (--val_size 0, or no
+    CIFAR-10 test batch)."""
+    labels, names = None, ()
     if cfg.dataset == "cifar10":
         if cfg.image_size != 32:
             raise UserError("CIFAR-10 images are 32x32: drop --image_size or use --dataset folder")
-        images = load_cifar10_train(cfg.data_dir)
-        images = images[subset_indices(len(images), cfg.train_subset, cfg.seed)]
+        images, labels = load_cifar10_train(cfg.data_dir, with_labels=True)
+        keep = subset_indices(len(images), cfg.train_subset, cfg.seed)
+        images, labels, names = images[keep], labels[keep], CIFAR10_CLASSES
         val = None
         test_batch = Path(cfg.data_dir) / "cifar-10-batches-py" / CIFAR10_TEST_BATCH
         if cfg.val_size and test_batch.is_file():
             val = read_cifar10_batches(test_batch.parent, [CIFAR10_TEST_BATCH])[:cfg.val_size]
         elif cfg.val_size:
             print(f"no {test_batch}: training without a validation loss")
+    elif cfg.class_conditional:
+        images, val, labels, names = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers,
+                                                       cfg.train_subset, cfg.seed, cfg.val_size, with_labels=True)
     else:
         images, val = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers, cfg.train_subset,
                                         cfg.seed, cfg.val_size)
+    if not cfg.class_conditional:
+        labels, names = None, ()
     as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return as_tensor(images), as_tensor(val)
+    return TrainingData(as_tensor(images), as_tensor(val), as_tensor(labels), tuple(names))
 
 
-def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=slice(None)):
-    """Yield the batches of one epoch as float tensors in [-1, 1], (B, 3, S, S), on images' device.
+def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=slice(None), labels=None):
+    """Yield the batches of one epoch: (float images in [-1, 1], (B, 3, S, S), on images' device;
+    their labels (B,) when labels are given, else None).
 
     The order and the flips are a pure function of (seed, epoch), so a resumed run sees exactly the
     batches it would have seen; start_batch skips the ones already trained on. shard picks this
@@ -443,7 +495,7 @@ def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=sl
         x = images[idx].float() / 127.5 - 1.0
         if flip:
             x = torch.where(flips[idx].view(-1, 1, 1, 1), x.flip(3), x)
-        yield x
+        yield x, (None if labels is None else labels[idx])
 
 
 def planned_steps(cfg, n_batches):
@@ -644,8 +696,9 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-def build_model(cfg):
-    return UNet(image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+def build_model(cfg, num_classes=0):
+    """The UNet of cfg; num_classes > 0 (a class-conditional run's classes) adds the class embedding."""
+    return UNet(num_classes=num_classes if cfg.class_conditional else 0, image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
                 num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
                 dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention,
                 norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding,
@@ -731,7 +784,7 @@ def derived_seed(*keys):
 
 
 # Streams of derived_seed: what a draw is for.
-BATCH_NOISE, DROPOUT, SAMPLE_BATCH = 0, 1, 2
+BATCH_NOISE, DROPOUT, SAMPLE_BATCH, LABEL_DROP = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -889,11 +942,13 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
         return self.training_losses(model, x_start, t, noise).mean()
 
-    def training_losses(self, model, x_start, t, noise=None):
-        """The per-image L_simple terms, (B,): mean squared error of the noise prediction at t."""
+    def training_losses(self, model, x_start, t, noise=None, y=None):
+        """The per-image L_simple terms, (B,): mean squared error of the noise prediction at t
+        (of class y, -1 = no class, for a class-conditional model)."""
         if noise is None:
             noise = torch.randn_like(x_start)
-        return (model(self.q_sample(x_start, t, noise), t) - noise).square().mean(dim=(1, 2, 3))
+        labels = () if y is None else (y,)
+        return (model(self.q_sample(x_start, t, noise), t, *labels) - noise).square().mean(dim=(1, 2, 3))
 
     def respace(self, timesteps):
         """The Markov chain that visits only `timesteps` (increasing): betas recomputed from alpha_bar
@@ -1131,9 +1186,32 @@ def save_grid(images, path, nrow=None):
     os.replace(tmp, path)
 
 
+def save_labelled_grid(images, row_names, path, title=""):
+    """A grid PNG of images in [-1, 1], one row per name (len(images) / len(row_names) each), with
+    the names written left of their rows and the title above, so the picture explains itself."""
+    from PIL import Image, ImageDraw
+    per_row, size = len(images) // len(row_names), images.shape[-1]
+    pixels = to_uint8(images.float())
+    margin, top = 6 * max(len(name) for name in row_names) + 8, 14 if title else 0
+    canvas = Image.new("RGB", (margin + per_row * (size + 2), top + len(row_names) * (size + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 1), title, fill="black")
+    for r, name in enumerate(row_names):
+        draw.text((2, top + r * (size + 2) + size // 2 - 5), name, fill="black")
+        for c in range(per_row):
+            canvas.paste(Image.fromarray(pixels[r * per_row + c]), (margin + c * (size + 2), top + r * (size + 2)))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="png")
+    os.replace(tmp, path)
+
+
 def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
-                     seed, clip_denoised=True, timestep_spacing=None, procs=Processes()):
-    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar.
+                     seed, clip_denoised=True, timestep_spacing=None, procs=Processes(), classes=None,
+                     guidance_scale=1.0):
+    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar;
+    image i of class classes[i] (with guidance) when classes (N,) are given.
 
     Batch k draws its noise from (seed, k) alone, so the images do not depend on how many processes
     share the work: under torchrun rank r makes batches r, r + world, ... and every rank gets all.
@@ -1146,8 +1224,10 @@ def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, st
         for k in range(procs.rank, len(starts), procs.world):
             shape = (min(batch_size, num_samples - starts[k]), 3, cfg.image_size, cfg.image_size)
             generator.manual_seed(derived_seed(seed, k, SAMPLE_BATCH))
+            labels = None if classes is None else classes[starts[k]:starts[k] + shape[0]]
             x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                 clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing)
+                                 clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing,
+                                 classes=labels, guidance_scale=guidance_scale)
             mine[k] = to_uint8(x)
             bar.update(shape[0] * procs.world)  # the others progress alike
     batches = {k: images for part in procs.gather(mine) for k, images in part.items()}
@@ -1434,6 +1514,8 @@ def export_safetensors(ckpt, path, use_ema=True):
     tensors = {name: t.contiguous() for name, t in ckpt[source].items()}
     metadata = dict(format="train_ddpm/2", config=json.dumps(ckpt["config"]), weights=source,
                     step=str(ckpt.get("step", 0)), epoch=str(ckpt.get("epoch", 0)))
+    if ckpt.get("class_names"):
+        metadata["class_names"] = json.dumps(list(ckpt["class_names"]))
     atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
 
 
@@ -1449,7 +1531,8 @@ def read_safetensors(path):
         raise UserError(f"{path} is not a readable train_ddpm.py .safetensors file "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     return dict(model=tensors, config=config, step=int(metadata.get("step", 0)),
-                epoch=int(metadata.get("epoch", 0)), weights_only=True)
+                epoch=int(metadata.get("epoch", 0)), weights_only=True,
+                class_names=json.loads(metadata.get("class_names", "[]")))
 
 
 # --- diffusers folders: the paper's published weights in, our models out --------------------------
@@ -1737,12 +1820,14 @@ def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last=
 def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
     """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
     cfg = config_from_dict(ckpt["config"])
-    model = build_model(cfg)
+    model = build_model(cfg, len(ckpt.get("class_names") or ()))
     model.load_state_dict(ckpt[sampling_source(ckpt, use_ema)])
     device = torch.device(device)
     layout = use_channels_last(channels_last, device)
     model = place_model(model, device, layout).eval()
-    return Precision(model, device, autocast_dtype(amp, device), layout), build_diffusion(cfg).to(device), cfg
+    caller = Precision(model, device, autocast_dtype(amp, device), layout)
+    caller.class_names = tuple(ckpt.get("class_names") or ())  # a class-conditional model's labels, in order
+    return caller, build_diffusion(cfg).to(device), cfg
 
 
 def check_writable_folder(folder, flag):
@@ -2016,7 +2101,7 @@ def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subs
 
 
 FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "eta", "source",
-                   "precision", "reference", "reference_n", "fid", "kid", "kid_std")
+                   "precision", "classes", "guidance_scale", "reference", "reference_n", "fid", "kid", "kid_std")
 
 
 def reference_images(cfg, data_dir):
@@ -2107,12 +2192,23 @@ def step_noise(diffusion, global_shape, shard, generator, seed, step):
     return t[shard], noise[shard]
 
 
-def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes()):
+def drop_labels(y, p, seed, step, batch_size, shard=slice(None)):
+    """Replace each label by -1 ("no class") with probability p (classifier-free guidance's label
+    dropout). The draw is made for the whole global batch from (seed, step) alone and then sharded,
+    so a resumed run drops what an uninterrupted one would, and any number of processes drop alike."""
+    if y is None or p == 0:
+        return y
+    drop = torch.rand(batch_size, generator=torch.Generator().manual_seed(derived_seed(seed, step, LABEL_DROP))) < p
+    return torch.where(drop[shard].to(y.device), -1, y)
+
+
+def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes(),
+               y=None):
     """One optimizer update on L_simple (Algorithm 1), skipped when the loss or the gradient is not
     finite. `forward` calls the model (under autocast, DDP, compile); `model` holds the parameters.
     Returns device tensors, so nothing waits for the GPU: the grad norm, the per-image losses (B,)
     and whether the step was skipped."""
-    losses = diffusion.training_losses(forward, x_start, t, noise)
+    losses = diffusion.training_losses(forward, x_start, t, noise, y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses.mean()).backward()
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
@@ -2148,10 +2244,11 @@ class TrainState:
     bad_epochs: int = 0            # evaluations since it last improved (early stopping)
 
 
-def training_checkpoint(cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch, meter):
+def training_checkpoint(cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch, meter, class_names=()):
     """The whole training state as a dict of plain types and tensors (what weights_only loading
-    accepts). No RNG state is needed: every draw is derived from (seed, step) or (seed, epoch)."""
-    return dict(
+    accepts). No RNG state is needed: every draw is derived from (seed, step) or (seed, epoch).
+    A class-conditional run also stores its class names."""
+    return dict(**({"class_names": list(class_names)} if class_names else {}),
         format="train_ddpm/2", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
         optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(), scaler=scaler.state_dict(),
         epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
@@ -2189,10 +2286,19 @@ def with_kernel_of(optimizer, saved):
     return {**saved, "param_groups": groups}
 
 
-def start_from_weights(path, model, ema):
+def check_same_classes(ckpt, class_names, action):
+    """A class-conditional checkpoint continues only on data with the same classes, in the same order."""
+    saved = tuple(ckpt.get("class_names") or ())
+    if saved != tuple(class_names):
+        raise UserError(f"cannot {action}: the checkpoint was trained on the classes {', '.join(saved) or '(none)'} "
+                        f"but the data has {', '.join(class_names) or '(none)'}")
+
+
+def start_from_weights(path, model, ema, class_names=()):
     """--init_from: the weights and EMA of a checkpoint (one set of weights for both from an export
     or a diffusers folder); everything else starts fresh."""
     ckpt = read_checkpoint(resolve_checkpoint_path(path))
+    check_same_classes(ckpt, class_names, f"start from {path}")
     model.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt.get("ema", ckpt["model"]))
     print(f"weights{' and EMA' if 'ema' in ckpt else ''} from {path}")
@@ -2309,11 +2415,22 @@ class Validator:
         return total.item() / len(self.images)
 
 
-def write_preview(paths, ema_model, diffusion, noise, steps, epoch):
-    """A grid of DDIM samples from the fixed preview noise: (its PNG path, the images in [-1, 1])."""
-    images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise)
+def preview_labels(class_names, per_class):
+    """The labels of a class-conditional preview, per_class of each class in order; None when unconditional."""
+    return torch.arange(len(class_names)).repeat_interleave(per_class) if class_names else None
+
+
+def write_preview(paths, ema_model, diffusion, noise, steps, epoch, classes=None, guidance_scale=1.0,
+                  class_names=()):
+    """A grid of DDIM samples from the fixed preview noise: (its PNG path, the images in [-1, 1]).
+    A class-conditional model's grid has a row per class, named in the picture."""
+    images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise,
+                              classes=classes, guidance_scale=guidance_scale)
     path = paths.samples / f"epoch_{epoch:04d}.png"
-    save_grid(images, path)
+    if class_names:
+        save_labelled_grid(images, class_names, path, title=f"w = {guidance_scale:g}")
+    else:
+        save_grid(images, path)
     return path, images
 
 
@@ -2389,7 +2506,8 @@ def train(cfg, resume_from=None):
     torch.manual_seed(cfg.seed)
     if not procs.main:
         procs.barrier()  # rank 0 downloads CIFAR-10 first, alone
-    images, val_images = load_dataset(cfg)
+    data = load_dataset(cfg)
+    images, val_images = data.images, data.val
     if procs.main:
         procs.barrier()
     if len(images) < cfg.batch_size:
@@ -2398,7 +2516,8 @@ def train(cfg, resume_from=None):
     images = images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
     n_batches = steps_per_epoch(len(images), cfg.batch_size)
     channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
-    model = place_model(build_model(cfg), device, channels_last)
+    model = place_model(build_model(cfg, len(data.class_names)), device, channels_last)
+    labels = None if data.labels is None else data.labels.to(device)
     diffusion = build_diffusion(cfg).to(device)
     ema = EMA(model, cfg.ema_decay)
     optimizer = build_optimizer(model, cfg)
@@ -2406,9 +2525,10 @@ def train(cfg, resume_from=None):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState(num_images=len(images))
     if resume_from is not None:
+        check_same_classes(resume_from, data.class_names, "resume")
         state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, scaler, len(images))
     elif cfg.init_from:
-        start_from_weights(cfg.init_from, model, ema)
+        start_from_weights(cfg.init_from, model, ema, data.class_names)
     net = model
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -2418,7 +2538,8 @@ def train(cfg, resume_from=None):
     validator = None
     if val_images is not None and procs.main:
         validator = Validator(val_images.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
-    print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images, "
+    print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images"
+          f"{f' of {len(data.class_names)} classes' if data.class_names else ''}, "
           f"{n_batches} steps per epoch | {0 if val_images is None else len(val_images):,} validation images "
           f"| {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
           f"{precision_name(amp_dtype)} autocast"
@@ -2439,8 +2560,8 @@ def train(cfg, resume_from=None):
     board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
     lock = RunLock(paths.checkpoints) if procs.main else None
-    run = Run(cfg, paths, procs, device, images, n_batches, total_steps, model, forward, ema, ema_forward, diffusion,
-              optimizer, lr_schedule, scaler, state, validator, fid_during_training, board)
+    run = Run(cfg, paths, procs, device, images, labels, data.class_names, n_batches, total_steps, model, forward,
+              ema, ema_forward, diffusion, optimizer, lr_schedule, scaler, state, validator, fid_during_training, board)
     try:
         return run_epochs(run, resume_from)
     finally:
@@ -2457,6 +2578,8 @@ class Run:
     procs: Processes
     device: torch.device
     images: torch.Tensor      # uint8 (N, 3, S, S), on the device
+    labels: Optional[torch.Tensor]  # int64 (N,) classes of a class-conditional run, on the device; else None
+    class_names: tuple        # empty when unconditional
     n_batches: int            # steps per epoch
     total_steps: int
     model: nn.Module          # the UNet: parameters and state dict
@@ -2486,9 +2609,11 @@ def run_epochs(run, resume_from=None):
         atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
         log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None,
                       interval_step=meter.interval_step)
-    saver = Saver(paths, cfg, model, ema, run.optimizer, run.lr_schedule, run.scaler, state, meter)
-    # The same noise for every preview, so grids from different epochs are comparable.
-    preview_noise = torch.randn((cfg.num_preview, 3, cfg.image_size, cfg.image_size),
+    saver = Saver(paths, cfg, model, ema, run.optimizer, run.lr_schedule, run.scaler, state, meter, run.class_names)
+    # The same noise for every preview, so grids from different epochs are comparable; a
+    # class-conditional run previews --num_preview images of every class, a row each.
+    preview_classes = preview_labels(run.class_names, cfg.num_preview)
+    preview_noise = torch.randn((cfg.num_preview * max(1, len(run.class_names)), 3, cfg.image_size, cfg.image_size),
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     noise_generator = torch.Generator(device)
     batch_shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
@@ -2503,13 +2628,15 @@ def run_epochs(run, resume_from=None):
             start_batch = state.step - epoch * n_batches
             bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
                        dynamic_ncols=True, disable=not procs.main)
-            for x_start in epoch_batches(run.images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard):
+            for x_start, y in epoch_batches(run.images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard,
+                                            run.labels):
                 # train
                 lr = run.lr_schedule.set_step(state.step)
                 t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
+                y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, shard)
                 torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
                 grad_norm, losses, bad = train_step(run.forward, model, diffusion, x_start, t, noise, run.optimizer,
-                                                    run.scaler, cfg.grad_clip, procs)
+                                                    run.scaler, cfg.grad_clip, procs, y)
                 ema.update(model, state.step)
                 state.step += 1
                 meter.add(grad_norm, losses, t, bad)
@@ -2548,7 +2675,7 @@ def run_epochs(run, resume_from=None):
                     finished = finished or stop
                 if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished) and not signals.received:
                     preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise, cfg.preview_steps,
-                                                  epoch_done)
+                                                  epoch_done, preview_classes, cfg.guidance_scale, run.class_names)
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")
                 # save
@@ -2646,8 +2773,8 @@ class Saver:
     --save_every_minutes, best.pt. A save that would not fit on the disk is skipped with a warning,
     keeping the previous file (the writes are atomic, so a full disk never leaves a partial one)."""
 
-    def __init__(self, paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, meter):
-        self.paths, self.cfg, self.state, self.meter = paths, cfg, state, meter
+    def __init__(self, paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, meter, class_names=()):
+        self.paths, self.cfg, self.state, self.meter, self.class_names = paths, cfg, state, meter, class_names
         self.parts = (model, ema, optimizer, lr_schedule, scaler)
         self.last_path, self.last_step, self.last_time = None, None, time.monotonic()
 
@@ -2659,7 +2786,7 @@ class Saver:
     def save(self, epoch, name=None):
         start = time.perf_counter()
         self.state.elapsed_s = self.meter.elapsed()
-        ckpt = training_checkpoint(self.cfg, *self.parts, self.state, epoch, self.meter)
+        ckpt = training_checkpoint(self.cfg, *self.parts, self.state, epoch, self.meter, self.class_names)
         path = self.paths.checkpoints / (name or checkpoint_name(self.cfg.timesteps, epoch))
         need, free = checkpoint_bytes(ckpt), shutil.disk_usage(self.paths.checkpoints).free
         if free < need + 64 * 2 ** 20:
@@ -2803,6 +2930,38 @@ def checked_sampling_steps(args, cfg):
     return steps
 
 
+def sampling_classes(args, ckpt, cfg, num_samples):
+    """(labels (N,) or None, guidance scale) for --class_label and --guidance_scale, checked before any
+    work: 'all' (the default of a class-conditional model) is an equal number of every class, in class
+    order; a name or an index is that class alone."""
+    names = list(ckpt.get("class_names") or ())
+    scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    if not names:
+        if args.class_label is not None or scale != 1:
+            raise UserError("--class_label and --guidance_scale need a class-conditional checkpoint "
+                            "(trained with --class_conditional); this one is unconditional")
+        return None, 1.0
+    if scale < 0:
+        raise UserError("--guidance_scale must be at least 0")
+    label = "all" if args.class_label is None else args.class_label
+    if label == "all":
+        if num_samples % len(names):
+            raise UserError(f"--class_label all makes an equal number of each of the {len(names)} classes: "
+                            f"make --num_samples a multiple of {len(names)}")
+        return torch.arange(len(names)).repeat_interleave(num_samples // len(names)), scale
+    if label.lstrip("-").isdigit():
+        index = int(label)
+        if not 0 <= index < len(names):
+            raise UserError(f"--class_label {index} is out of range: the classes are 0..{len(names) - 1} "
+                            f"({', '.join(names)})")
+    elif label in names:
+        index = names.index(label)
+    else:
+        raise UserError(f"--class_label {label!r} is not a class of this model; choose from {', '.join(names)}, "
+                        f"an index 0..{len(names) - 1}, or all")
+    return torch.full((num_samples,), index), scale
+
+
 def export_weights(args, ckpt):
     """--export_safetensors FILE and --export_diffusers DIR: the sampling weights (EMA unless --no_ema)
     in another format. Everything is checked before anything is written."""
@@ -2819,6 +2978,9 @@ def export_weights(args, ckpt):
         check_writable_folder(folder.parent, "--export_diffusers")
         if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
             raise UserError(f"--export_diffusers {folder} already exists; choose a new folder")
+        if ckpt.get("class_names"):
+            raise UserError("cannot export a class-conditional model to diffusers: this exporter writes "
+                            "UNet2DModel without a class embedding; use --export_safetensors")
         diffusers_configs(config_from_dict(ckpt["config"]))  # refuses what UNet2DModel cannot express
     _safetensors()
     if args.export_safetensors:
@@ -2842,6 +3004,7 @@ def run_sample(args):
             export_weights(args, ckpt)
         return
     steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
+    classes, scale = sampling_classes(args, ckpt, config_from_dict(ckpt["config"]), args.num_samples)
     if args.out:
         check_writable_folder(args.out, "--out")
     device, procs = init_processes(args.device or "auto")
@@ -2853,21 +3016,31 @@ def run_sample(args):
 
     images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
                               steps, args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
-                              procs=procs)
+                              procs=procs, classes=classes, guidance_scale=scale)
     if not procs.main:
         return
     out.mkdir(parents=True, exist_ok=True)
     suffix = {"ddim": f"_eta{args.eta:g}", "ddpm": f"_{args.var_type}", "dpmpp2m": ""}[args.sampler]
     if args.timestep_spacing:
         suffix += f"_{args.timestep_spacing}"
+    names = list(ckpt.get("class_names") or ())
+    if classes is not None:
+        suffix += f"_{args.class_label or 'all'}_w{scale:g}"
     stem = unique_stem(out, f"samples_{args.sampler}{steps}{suffix}_seed{seed}")
     np.savez(out / f"{stem}.npz", images)  # arr_0: uint8 (N, H, W, 3)
     folder = out / stem
     folder.mkdir()
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"{i:05d}.png")
-    grid = torch.from_numpy(images[:100]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    save_grid(grid, out / f"{stem}_grid.png")
+    as_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    if classes is not None and (args.class_label or "all") == "all":  # a row per class, named
+        per_class = min(10, args.num_samples // len(names))
+        rows = np.concatenate([images[classes.numpy() == c][:per_class] for c in range(len(names))])
+        save_labelled_grid(as_float(rows), names, out / f"{stem}_grid.png", title=f"w = {scale:g}")
+    else:
+        save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
+    if classes is not None:
+        np.save(out / f"{stem}_labels.npy", classes.numpy())
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
 
 
@@ -2898,6 +3071,7 @@ def run_eval(args):
         ckpt = read_checkpoint(path)
         cfg, run_dir, step = config_from_dict(ckpt["config"]), path if path.is_dir() else path.parent, ckpt["step"]
         steps = checked_sampling_steps(args, cfg)
+        classes, scale = sampling_classes(args, ckpt, cfg, num_samples)
     else:
         path, step = None, ""
         cfg = Config(**{k: getattr(args, k) for k in ("dataset", "image_size") if getattr(args, k) is not None})
@@ -2911,8 +3085,10 @@ def run_eval(args):
         seed = cfg.seed if args.seed is None else args.seed
         images = generate_samples(model, diffusion, cfg, num_samples, args.batch_size or 128, args.sampler, steps,
                                   args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
-                                  procs=procs)
+                                  procs=procs, classes=classes, guidance_scale=scale)
         info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
+                    classes="" if classes is None else (args.class_label or "all"),
+                    guidance_scale="" if classes is None else f"{scale:g}",
                     spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler],
                     source=sampling_weights(ckpt, not args.no_ema), precision=precision_name(model.dtype))
     if not procs.main:
@@ -3007,6 +3183,9 @@ def build_parser():
     sample.add_argument("--var_type", choices=("fixedlarge", "fixedsmall"), default="fixedlarge",
                         help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")
     sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    sample.add_argument("--class_label", metavar="NAME|INDEX|all",
+                        help="class-conditional checkpoints: the class to generate, or all (the default): an equal "
+                             "number of every class, in class order; --guidance_scale sets w")
     sample.add_argument("--out", help="output folder (default samples/<run>/)")
     sample.add_argument("--export_safetensors", metavar="FILE",
                         help="write the checkpoint's sampling weights (EMA unless --no_ema) and config to a "

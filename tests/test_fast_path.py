@@ -157,12 +157,28 @@ def test_torch_compile_gives_the_eager_outputs():
 
 # --- Sharding: N processes see what one process sees --------------------------------------------------
 
-def test_the_shards_of_an_epoch_batch_make_up_the_whole_batch():
+def test_the_shards_of_an_epoch_batch_make_up_the_whole_batch_labels_and_dropped_labels_too():
     images = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8)
-    whole = list(td.epoch_batches(images, 8, epoch=3, seed=5, flip=True))
-    parts = [list(td.epoch_batches(images, 8, 3, 5, True, shard=td.Processes(r, 2).shard(8))) for r in range(2)]
-    for i, batch in enumerate(whole):
-        assert torch.equal(torch.cat([parts[0][i], parts[1][i]]), batch)
+    labels = torch.arange(40) % 10
+    whole = list(td.epoch_batches(images, 8, epoch=3, seed=5, flip=True, labels=labels))
+    shards = [td.Processes(r, 2).shard(8) for r in range(2)]
+    parts = [list(td.epoch_batches(images, 8, 3, 5, True, shard=shard, labels=labels)) for shard in shards]
+    for i, (batch, y) in enumerate(whole):
+        assert torch.equal(torch.cat([parts[0][i][0], parts[1][i][0]]), batch)
+        assert torch.equal(torch.cat([parts[0][i][1], parts[1][i][1]]), y)
+        for image, label in zip(batch, y):  # each image keeps its own label through shuffling
+            source = labels[[torch.equal(image, im.float() / 127.5 - 1) or torch.equal(image, im.flip(2).float()
+                                                                                     / 127.5 - 1) for im in images]]
+            assert label in source
+        dropped = td.drop_labels(y, 0.5, seed=5, step=i, batch_size=8)
+        halves = [td.drop_labels(part[i][1], 0.5, 5, i, 8, shard) for part, shard in zip(parts, shards)]
+        assert torch.equal(torch.cat(halves), dropped)
+        assert torch.equal(dropped, td.drop_labels(y, 0.5, 5, i, 8))  # a function of (seed, step) alone
+        assert torch.equal(dropped[dropped >= 0], y[dropped >= 0])
+    every_drop = torch.cat([td.drop_labels(torch.zeros(1000, dtype=torch.long), 0.1, 5, s, 1000) for s in range(5)])
+    assert abs((every_drop == -1).float().mean().item() - 0.1) < 0.02
+    assert td.drop_labels(y, 0.0, 5, 0, 8) is y
+    assert [x[1] for x in td.epoch_batches(images, 8, 3, 5, True)] == [None] * 5  # unconditional: no labels
 
 
 def test_each_rank_draws_its_slice_of_the_global_timesteps_and_noise():

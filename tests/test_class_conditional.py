@@ -1,0 +1,139 @@
+"""Class-conditional training from a folder of class subfolders, through the real command line:
+labels, label dropout, exact resume, guided sampling by class, and the one-line refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_ddpm as td
+from test_cli import (assert_ok, assert_one_line_error, load_ckpt, read_loss_log, run_cli, snapshot)
+
+CLASSES = ("cat", "dog", "frog")
+TINY = ["--preset", "quick_test", "--dataset", "folder", "--image_size", "8", "--base_channels", "16",
+        "--channel_mults", "1,2", "--timesteps", "20", "--beta_start", "0.005", "--beta_end", "0.999",
+        "--batch_size", "12", "--val_size", "0", "--train_subset", "0", "--num_preview", "2", "--preview_steps", "3",
+        "--log_every", "2", "--warmup_steps", "2", "--num_workers", "1"]
+
+
+def write_images(root, nested, per_class=16):
+    """per_class 8x8 images of each class, tinted by class: in root/<class>/i.png, or flat as root/<class>_i.png."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        for i in range(per_class):
+            image = rng.integers(0, 60, (8, 8, 3)).astype(np.uint8)
+            image[..., c] += 180
+            path = root / name / f"{i}.png" if nested else root / f"{name}_{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+    return root
+
+
+def losses(run_dir):
+    """The loss log without its clocks: what the weights did, step by step."""
+    keep = ("step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm", "bad_steps")
+    return [{k: row[k] for k in keep} for row in read_loss_log(run_dir / "loss_log.csv")]
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("conditional")
+    data = write_images(root / "data", nested=True)
+    args = [*TINY, "--data_dir", data, "--class_conditional", "--class_dropout", "0.3", "--guidance_scale", "2"]
+    assert_ok(run_cli(*args, "--epochs", "2", "--run_name", "whole", cwd=root))
+    assert_ok(run_cli(*args, "--epochs", "1", "--run_name", "split", cwd=root))
+    assert_ok(run_cli(*args, "--epochs", "2", "--run_name", "split", "--resume", "latest", cwd=root))
+    return root
+
+
+def test_a_conditional_run_stores_its_classes_previews_a_row_each_and_resumes_bit_for_bit(conditional_run):
+    whole, split = (load_ckpt(conditional_run / "checkpoints" / run / "latest.pt") for run in ("whole", "split"))
+    assert whole["class_names"] == list(CLASSES) and whole["config"]["class_conditional"]
+    assert whole["model"]["class_emb.weight"].shape == (len(CLASSES) + 1, 128)
+    for key in ("model", "ema"):
+        assert all(torch.equal(whole[key][k], split[key][k]) for k in whole[key]), key
+    assert losses(conditional_run / "checkpoints" / "whole") == losses(conditional_run / "checkpoints" / "split")
+    # the preview: 2 images of each class, a row per class, with room for the names and the title
+    preview = Image.open(conditional_run / "samples" / "whole" / "epoch_0002.png")
+    margin = 6 * max(map(len, CLASSES)) + 8
+    assert preview.size == (margin + 2 * 10, 14 + len(CLASSES) * 10)
+
+
+def test_sampling_by_class_and_guidance_scale(conditional_run):
+    run = conditional_run / "checkpoints" / "whole"
+
+    def sample(*flags, out):
+        assert_ok(run_cli("--mode", "sample", "--checkpoint", run, "--sampler", "ddim", "--sampling_steps", "4",
+                          "--num_samples", "6", "--seed", "3", "--out", out, *flags, cwd=conditional_run))
+        folder = conditional_run / out
+        labels = next(folder.glob("*_labels.npy"))
+        return np.load(next(folder.glob("*.npz")))["arr_0"], np.load(labels), folder
+
+    images, labels, folder = sample(out="all")  # the default: every class, the run's w = 2
+    assert images.shape == (6, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert next(folder.glob("*_all_w2_seed3_grid.png")).is_file()
+    assert np.array_equal(images[2:4], sample("--class_label", "1", out="dog_by_index")[0][2:4])
+    dog, dog_labels, _ = sample("--class_label", "dog", "--guidance_scale", "1", out="dog")
+    assert dog_labels.tolist() == [1] * 6
+    # w = 0 is the unconditional model: which class was asked for no longer matters
+    cat0, _, _ = sample("--class_label", "cat", "--guidance_scale", "0", out="cat0")
+    frog0, _, _ = sample("--class_label", "frog", "--guidance_scale", "0", out="frog0")
+    assert np.array_equal(cat0, frog0) and not np.array_equal(cat0, dog)
+
+
+@pytest.mark.parametrize("label, scale, n, fragments", [
+    ("horse", None, 6, ["horse", "cat, dog, frog"]),
+    ("3", None, 6, ["--class_label 3", "0..2"]),
+    ("0", -1.0, 6, ["--guidance_scale"]),
+    ("all", None, 4, ["multiple of 3"]),
+], ids=["unknown-name", "index-out-of-range", "negative-scale", "unequal-classes"])
+def test_bad_class_flags_are_refused_before_any_work(label, scale, n, fragments):
+    ckpt = dict(class_names=list(CLASSES))
+    args = td.argparse.Namespace(class_label=label, guidance_scale=scale)
+    with pytest.raises(td.UserError) as refused:
+        td.sampling_classes(args, ckpt, td.Config(), n)
+    assert all(fragment in str(refused.value) for fragment in fragments), refused.value
+
+
+def test_the_command_line_refuses_an_unknown_class_in_one_line_and_writes_nothing(conditional_run):
+    before = snapshot(conditional_run)
+    result = run_cli("--mode", "sample", "--checkpoint", conditional_run / "checkpoints" / "whole",
+                     "--class_label", "horse", "--out", "refused", cwd=conditional_run)
+    assert_one_line_error(result, "horse", "cat, dog, frog")
+    assert snapshot(conditional_run) == before
+
+
+def test_class_flags_on_an_unconditional_checkpoint_are_refused(tmp_path):
+    cfg = td.Config(**{**td.PRESETS["quick_test"], "base_channels": 16, "channel_mults": (1, 2), "timesteps": 20})
+    torch.save(dict(model=td.build_model(cfg).state_dict(), config=td.asdict(cfg), step=1, epoch=1), tmp_path / "u.pt")
+    for flags in (["--class_label", "0"], ["--guidance_scale", "2"]):
+        result = run_cli("--mode", "sample", "--checkpoint", "u.pt", *flags, cwd=tmp_path)
+        assert_one_line_error(result, "class-conditional", "unconditional")
+    result = run_cli("--mode", "sample", "--checkpoint", "u.pt", "--num_samples", "2", "--sampling_steps", "2",
+                     "--out", "fine", cwd=tmp_path)
+    assert_ok(result)  # w = 1 (the default) without labels is plain unconditional sampling
+
+
+def test_labels_change_nothing_unless_asked_for_and_folders_without_classes_are_refused(tmp_path):
+    nested, flat = write_images(tmp_path / "nested", True), write_images(tmp_path / "flat", False)
+    for name, data in (("nested", nested), ("flat", flat)):
+        assert_ok(run_cli(*TINY, "--data_dir", data, "--epochs", "1", "--run_name", name, cwd=tmp_path))
+    a, b = (load_ckpt(tmp_path / "checkpoints" / name / "latest.pt") for name in ("nested", "flat"))
+    assert "class_names" not in a and not any("class_emb" in k for k in a["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert losses(tmp_path / "checkpoints" / "nested") == losses(tmp_path / "checkpoints" / "flat")
+    before = snapshot(tmp_path)
+    result = run_cli(*TINY, "--data_dir", flat, "--class_conditional", "--run_name", "refused", cwd=tmp_path)
+    assert_one_line_error(result, "class subfolder", "cat_0.png")
+    assert snapshot(tmp_path) == before
+    one = tmp_path / "one"
+    (one / "cat").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(one / "cat" / f"{i}.png")
+    before = snapshot(tmp_path)
+    assert_one_line_error(run_cli(*TINY, "--data_dir", one, "--class_conditional", "--run_name", "refused",
+                                  cwd=tmp_path), "at least 2 class subfolders")
+    assert snapshot(tmp_path) == before
+    assert json.loads((tmp_path / "checkpoints" / "flat" / "config.json").read_text())["class_conditional"] is False
