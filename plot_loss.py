@@ -3,14 +3,19 @@
     python plot_loss.py                                   # newest run under checkpoints/
     python plot_loss.py checkpoints/quick_test_ts100      # a run folder
     python plot_loss.py path/to/loss_log.csv --out loss.png --smooth 50
+    python plot_loss.py checkpoints/quick_test_ts100 --progress   # also insist on the preview GIF
 
 The figure shows the raw and smoothed loss on a log axis, the learning rate on a second axis,
-and marks epoch boundaries, resume points and warm restarts of the learning rate.
+and marks epoch boundaries, resume points and warm restarts of the learning rate. When the run
+has preview grids (samples/<run>/epoch_*.png), progress.gif beside the plot shows them epoch by
+epoch, each frame labelled with its epoch.
 """
 
 import argparse
 import csv
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -226,11 +231,51 @@ def run_title(log_path, log):
     return f"{name}: {int(log['step'][-1]):,} steps, epoch {log['epoch'][-1]:.2f}"
 
 
+def preview_grids(log_path):
+    """The run's preview PNGs in epoch order, [(epoch, path)]: from the samples_dir and run_name in
+    its config.json, read from here or from beside the run's checkpoint folder."""
+    log_path = Path(log_path)
+    try:
+        cfg = json.loads(log_path.with_name("config.json").read_text())
+        samples_dir, run_name = cfg["samples_dir"], cfg["run_name"]
+    except (OSError, ValueError, KeyError):
+        samples_dir, run_name = "samples", log_path.parent.name
+    for root in (Path.cwd(), log_path.resolve().parent.parent.parent):
+        folder = root / samples_dir / run_name
+        found = sorted((int(m.group(1)), p) for p in folder.glob("epoch_*.png")
+                       if (m := re.fullmatch(r"epoch_(\d+)\.png", p.name)))
+        if found:
+            return found
+    return []
+
+
+def write_progress_gif(grids, out, scale=2, frame_ms=400, last_frame_ms=2000):
+    """An animated GIF of the preview grids, each frame the grid (scaled up, nearest neighbour) under
+    a strip naming its epoch; frames are padded to the largest grid. Written atomically."""
+    from PIL import Image, ImageDraw
+    images = [Image.open(path).convert("RGB") for _, path in grids]
+    width = max(im.width for im in images) * scale
+    height = max(im.height for im in images) * scale + 16
+    frames = []
+    for (epoch, _), image in zip(grids, images):
+        frame = Image.new("RGB", (width, height), "white")
+        frame.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST), (0, 16))
+        ImageDraw.Draw(frame).text((3, 2), f"epoch {epoch}", fill="black")
+        frames.append(frame)
+    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=[frame_ms] * (len(frames) - 1) + [last_frame_ms])
+    os.replace(tmp, out)
+    return len(frames)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("path", nargs="?", help="run folder or loss_log.csv (default: newest run in checkpoints/)")
     parser.add_argument("--out", help="PNG to write (default: loss_plot.png beside the log)")
     parser.add_argument("--smooth", type=int, default=None, help="rows in the moving average (default: 1/50 of the log, at least 5)")
+    parser.add_argument("--progress", action="store_true", help="fail unless the run has previews for progress.gif "
+                                                                "(written beside the plot whenever it has)")
     args = parser.parse_args(argv)
     try:
         if args.smooth is not None and args.smooth < 1:
@@ -242,7 +287,12 @@ def main(argv=None):
             raise PlotError(f"cannot write {out}: folder {out.parent} does not exist")
         n_train = int((~np.isnan(log["loss"])).sum())
         smooth_window = args.smooth or min(n_train, max(5, n_train // 50))
+        grids = preview_grids(log_path)
+        if args.progress and not grids:
+            raise PlotError(f"no preview grids (epoch_*.png) for {log_path.parent.name}: train with --sample_every 1")
         plot(log, out, smooth_window, run_title(log_path, log))
+        if grids:
+            frames = write_progress_gif(grids, out.with_name("progress.gif"))
     except PlotError as e:
         print(f"plot_loss.py: error: {e}", file=sys.stderr)
         return 2
@@ -255,6 +305,8 @@ def main(argv=None):
             print(f"{label} {values[-1]:.4f} (best {values.min():.4f})")
     print(f"plateau check: {verdict} ({detail})")
     print(f"wrote {out}")
+    if grids:
+        print(f"wrote {out.with_name('progress.gif')} ({frames} previews, epochs {grids[0][0]}-{grids[-1][0]})")
     return 0
 
 

@@ -1207,6 +1207,47 @@ def save_labelled_grid(images, row_names, path, title=""):
     os.replace(tmp, path)
 
 
+class TrajectoryRecorder:
+    """Wraps a noise predictor and keeps, at every call of the sampler, x_t and the x_0 it predicts
+    (clipped to [-1, 1]) for the first `rows` images: how a sample forms, for any sampler."""
+
+    def __init__(self, predictor, diffusion, rows):
+        self.predictor, self.alphas_cumprod, self.rows, self.points = predictor, diffusion.alphas_cumprod, rows, []
+
+    def __call__(self, x, t):
+        eps = self.predictor(x, t)
+        abar = self.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        self.points.append((int(t[0]), x[:self.rows].cpu(), x0[:self.rows].cpu()))
+        return eps
+
+
+def save_trajectory(points, final, path, columns=10):
+    """One PNG: for each sample a row of x_t and, under it, a row of the predicted x_0, at `columns`
+    evenly spread calls of the sampler (the first is pure noise), then the finished image; the
+    timestep of every column is written above it."""
+    from PIL import Image, ImageDraw
+    picks = sorted({round(i * (len(points) - 1) / max(columns - 1, 1)) for i in range(columns)})
+    size, gap, top, margin = final.shape[-1], 2, 14, 30
+    cols = [(f"t={points[i][0]}", points[i][1], points[i][2]) for i in picks] + [("final", final, final)]
+    canvas = Image.new("RGB", (margin + len(cols) * (size + gap), top + 2 * len(final) * (size + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (label, x_t, x0) in enumerate(cols):
+        left = margin + c * (size + gap)
+        draw.text((left, 1), label[:6], fill="black")
+        for r in range(len(final)):
+            for k, images in enumerate((x_t, x0)):
+                tile = Image.fromarray(to_uint8(images[r:r + 1].float())[0])
+                canvas.paste(tile, (left, top + (2 * r + k) * (size + gap)))
+    for r in range(len(final)):
+        draw.text((2, top + 2 * r * (size + gap) + size // 2 - 5), "x_t", fill="black")
+        draw.text((2, top + (2 * r + 1) * (size + gap) + size // 2 - 5), "x0^", fill="black")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="png")
+    os.replace(tmp, path)
+
+
 def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
                      seed, clip_denoised=True, timestep_spacing=None, procs=Processes(), classes=None,
                      guidance_scale=1.0):
@@ -3041,6 +3082,16 @@ def run_sample(args):
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
         np.save(out / f"{stem}_labels.npy", classes.numpy())
+    if args.trajectory:
+        rows = min(4, args.num_samples)
+        predictor = model if classes is None else guided_noise_predictor(model, classes[:rows], scale)
+        recorder = TrajectoryRecorder(predictor, diffusion, rows)
+        generator = torch.Generator(device=device).manual_seed(derived_seed(seed, 0, SAMPLE_BATCH))
+        final = diffusion.sample(recorder, (rows, 3, cfg.image_size, cfg.image_size), sampler=args.sampler,
+                                 steps=steps, eta=args.eta, generator=generator, var_type=args.var_type,
+                                 timestep_spacing=args.timestep_spacing)
+        save_trajectory(recorder.points, final.cpu(), out / f"{stem}_trajectory.png")
+        print(f"wrote {out / (stem + '_trajectory.png')}")
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
 
 
@@ -3183,6 +3234,9 @@ def build_parser():
     sample.add_argument("--var_type", choices=("fixedlarge", "fixedsmall"), default="fixedlarge",
                         help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")
     sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    sample.add_argument("--trajectory", action="store_true",
+                        help="also write <stem>_trajectory.png: for 4 samples, x_t and the predicted x_0 at 10 "
+                             "points of the chain, from noise to image")
     sample.add_argument("--class_label", metavar="NAME|INDEX|all",
                         help="class-conditional checkpoints: the class to generate, or all (the default): an equal "
                              "number of every class, in class order; --guidance_scale sets w")

@@ -75,8 +75,14 @@ def test_sampling_by_class_and_guidance_scale(conditional_run):
     assert images.shape == (6, 8, 8, 3) and labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert next(folder.glob("*_all_w2_seed3_grid.png")).is_file()
     assert np.array_equal(images[2:4], sample("--class_label", "1", out="dog_by_index")[0][2:4])
-    dog, dog_labels, _ = sample("--class_label", "dog", "--guidance_scale", "1", out="dog")
+    dog, dog_labels, folder = sample("--class_label", "dog", "--guidance_scale", "1", "--trajectory", out="dog")
     assert dog_labels.tolist() == [1] * 6
+    # the trajectory: 4 samples, x_t over x0^ at each of the 4 DDIM calls, then the finished image
+    trajectory = np.asarray(Image.open(next(folder.glob("*_trajectory.png"))).convert("RGB")).astype(int)
+    assert trajectory.shape == (14 + 2 * 4 * 10, 30 + 5 * 10, 3)
+    tile = lambda row, col: trajectory[14 + row * 10:14 + row * 10 + 8, 30 + col * 10:30 + col * 10 + 8]  # noqa: E731
+    assert np.array_equal(tile(0, 4), tile(1, 4))  # the last column shows the image itself twice
+    assert not np.array_equal(tile(0, 0), tile(0, 4))  # and the first, noise
     # w = 0 is the unconditional model: which class was asked for no longer matters
     cat0, _, _ = sample("--class_label", "cat", "--guidance_scale", "0", out="cat0")
     frog0, _, _ = sample("--class_label", "frog", "--guidance_scale", "0", out="frog0")

@@ -115,3 +115,29 @@ def test_validation_and_quartile_panels_are_drawn_when_the_log_has_them(tmp_path
     from PIL import Image
     with Image.open(tmp_path / "p.png") as img:
         assert img.size[1] > 1000, "three panels stacked"
+
+
+def test_previews_become_an_animated_gif_one_labelled_frame_per_epoch(tmp_path):
+    from PIL import Image
+    run = tmp_path / "checkpoints" / "demo"
+    run.mkdir(parents=True)
+    steps = np.arange(10, 310, 10)
+    write_log(run / "loss_log.csv", steps, np.linspace(1, 0.1, len(steps)), np.full(len(steps), 1e-4))
+    (run / "config.json").write_text('{"samples_dir": "samples", "run_name": "demo", "preset": "x", "timesteps": 10}')
+    assert run_plot(run, "--progress", cwd=tmp_path).returncode == 2  # asked for, but no previews yet
+    previews = tmp_path / "samples" / "demo"
+    previews.mkdir(parents=True)
+    for epoch in (1, 2, 3, 10):  # epoch 10 sorts after 2 by number, not by name
+        Image.new("RGB", (42, 12), (20 * epoch, 0, 0)).save(previews / f"epoch_{epoch:04d}.png")
+    result = run_plot(run, cwd=REPO)  # from elsewhere: found beside the checkpoints folder
+    assert result.returncode == 0, result.stderr
+    gif = Image.open(run / "progress.gif")
+    assert gif.n_frames == 4 and gif.size == (84, 24 + 16)
+    reds = []
+    for frame in range(gif.n_frames):
+        gif.seek(frame)
+        reds.append(gif.convert("RGB").getpixel((40, 30))[0])
+    assert reds == sorted(reds) and reds[-1] > reds[0]  # in epoch order
+    gif.seek(0)
+    assert min(gif.convert("L").crop((0, 0, 84, 16)).getdata()) < 128  # the epoch is written above the grid
+    assert "4 previews, epochs 1-10" in result.stdout
