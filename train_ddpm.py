@@ -2000,6 +2000,50 @@ def compute_activations(images, extractor, batch_size=100, device="cpu", progres
     return torch.cat(features).numpy()
 
 
+def nearest_neighbours(queries, references, k, features, batch_size=2000):
+    """Indices (n, k) and L2 distances (n, k), nearest first, of each query's k nearest references.
+    queries and references are uint8 images (n / N, H, W, 3); features maps a batch of them to
+    float32 vectors (n, D). The references pass through in batches with a running top k, so memory
+    stays at one batch whatever N."""
+    q = torch.from_numpy(features(queries)).double()
+    k = min(k, len(references))
+    best_d = torch.full((len(q), k), math.inf, dtype=torch.float64)
+    best_i = torch.zeros((len(q), k), dtype=torch.long)
+    with tqdm(total=len(references), desc="nearest neighbours", unit="img", leave=False,
+              disable=len(references) < 5000) as bar:
+        for start in range(0, len(references), batch_size):
+            r = torch.from_numpy(features(references[start:start + batch_size])).double()
+            d = torch.cdist(q, r)
+            index = torch.arange(start, start + len(r)).expand(len(q), -1)
+            d, i = torch.cat([best_d, d], 1), torch.cat([best_i, index], 1)
+            best_d, order = d.topk(k, dim=1, largest=False)
+            best_i = i.gather(1, order)
+            bar.update(len(r))
+    return best_i.numpy(), best_d.numpy()
+
+
+def pixel_features(images):
+    return np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255
+
+
+def save_nearest_picture(samples, train, indices, path, title):
+    """Each sample (a row) beside its nearest training images, nearest first, under a title."""
+    from PIL import Image, ImageDraw
+    size, gap, top = samples.shape[1], 2, 14
+    canvas = Image.new("RGB", ((indices.shape[1] + 1) * (size + gap) + 6, top + len(samples) * (size + gap)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    for r, (sample, row) in enumerate(zip(samples, indices)):
+        canvas.paste(Image.fromarray(sample), (0, top + r * (size + gap)))
+        for c, i in enumerate(row):  # a 6-pixel gap sets the sample apart from the training images
+            canvas.paste(Image.fromarray(train[i]), (6 + (c + 1) * (size + gap), top + r * (size + gap)))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    canvas.save(tmp, format="png")
+    os.replace(tmp, path)
+
+
 def activation_statistics(activations):
     """Mean and covariance (float64; unbiased, as np.cov and pytorch-fid) of (N, D) activations."""
     activations = np.asarray(activations)
@@ -3038,6 +3082,8 @@ def run_sample(args):
     args.num_samples = 64 if args.num_samples is None else args.num_samples
     if args.num_samples < 1:
         raise UserError("--num_samples must be at least 1")
+    if args.nearest is not None and args.nearest < 1:
+        raise UserError("--nearest K needs K >= 1 training images per sample")
     path = resolve_checkpoint_path(args.checkpoint)
     ckpt = read_checkpoint(path)
     if args.export_safetensors or args.export_diffusers:
@@ -3082,6 +3128,8 @@ def run_sample(args):
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
         np.save(out / f"{stem}_labels.npy", classes.numpy())
+    if args.nearest:
+        write_nearest(args, cfg, images[:10], out / f"{stem}_nearest.png", device)
     if args.trajectory:
         rows = min(4, args.num_samples)
         predictor = model if classes is None else guided_noise_predictor(model, classes[:rows], scale)
@@ -3096,6 +3144,24 @@ def run_sample(args):
 
 
 # --- Evaluation: FID of a checkpoint's samples ------------------------------------------------------
+
+def write_nearest(args, cfg, samples, path, device):
+    """--nearest K: samples beside their nearest training images, in Inception space when it can be
+    had (pytorch-fid and its weights), else in pixels; the picture's title says which."""
+    train, _ = reference_images(cfg, args.data_dir or cfg.data_dir)
+    try:
+        extractor = build_fid_inception(args.fid_weights or None, device)
+        space = "Inception pool3"
+        features = lambda images: compute_activations(images, extractor, device=device, progress=False)  # noqa: E731
+    except UserError as e:
+        print(f"note: nearest neighbours in pixel space ({e})")
+        space, features = "pixels", pixel_features
+    indices, distances = nearest_neighbours(samples, train, args.nearest, features)
+    save_nearest_picture(samples, train, indices, path, f"sample | {indices.shape[1]} nearest training images "
+                                                          f"(L2, {space})")
+    print(f"wrote {path}: nearest training images in {space}, distances {distances[:, 0].min():.3g} to "
+          f"{distances[:, 0].max():.3g} for the nearest")
+
 
 def load_npz_images(path):
     path = Path(path)
@@ -3237,6 +3303,10 @@ def build_parser():
     sample.add_argument("--trajectory", action="store_true",
                         help="also write <stem>_trajectory.png: for 4 samples, x_t and the predicted x_0 at 10 "
                              "points of the chain, from noise to image")
+    sample.add_argument("--nearest", type=int, metavar="K",
+                        help="also write <stem>_nearest.png: the first 10 samples, each beside its K nearest "
+                             "training images (L2 in Inception pool3 space with pytorch-fid and its weights, "
+                             "else in pixels), to see whether the model copies its data")
     sample.add_argument("--class_label", metavar="NAME|INDEX|all",
                         help="class-conditional checkpoints: the class to generate, or all (the default): an equal "
                              "number of every class, in class order; --guidance_scale sets w")

@@ -84,7 +84,9 @@ def test_sampling_by_class_and_guidance_scale(conditional_run):
     assert np.array_equal(tile(0, 4), tile(1, 4))  # the last column shows the image itself twice
     assert not np.array_equal(tile(0, 0), tile(0, 4))  # and the first, noise
     # w = 0 is the unconditional model: which class was asked for no longer matters
-    cat0, _, _ = sample("--class_label", "cat", "--guidance_scale", "0", out="cat0")
+    cat0, _, folder = sample("--class_label", "cat", "--guidance_scale", "0", "--nearest", "3", out="cat0")
+    nearest = Image.open(next(folder.glob("*_nearest.png")))
+    assert nearest.size == (4 * 10 + 6, 14 + 6 * 10)  # 6 samples (of at most 10), each + its 3 nearest
     frog0, _, _ = sample("--class_label", "frog", "--guidance_scale", "0", out="frog0")
     assert np.array_equal(cat0, frog0) and not np.array_equal(cat0, dog)
 
@@ -143,3 +145,17 @@ def test_labels_change_nothing_unless_asked_for_and_folders_without_classes_are_
                                   cwd=tmp_path), "at least 2 class subfolders")
     assert snapshot(tmp_path) == before
     assert json.loads((tmp_path / "checkpoints" / "flat" / "config.json").read_text())["class_conditional"] is False
+
+
+def test_nearest_neighbours_of_training_images_are_themselves_at_distance_zero():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (50, 8, 8, 3)).astype(np.uint8)
+    queries = np.concatenate([train[[3, 17]], rng.integers(0, 256, (1, 8, 8, 3)).astype(np.uint8)])
+    indices, distances = td.nearest_neighbours(queries, train, 4, td.pixel_features, batch_size=7)
+    assert indices[:2, 0].tolist() == [3, 17] and (distances[:2, 0] < 1e-6).all()
+    # the running top k over batches of 7 is the top k over all 50 at once
+    full = torch.cdist(torch.from_numpy(td.pixel_features(queries)).double(),
+                       torch.from_numpy(td.pixel_features(train)).double())
+    want_d, want_i = full.topk(4, dim=1, largest=False)
+    assert np.array_equal(indices, want_i.numpy()) and np.allclose(distances, want_d.numpy(), atol=1e-6)
+    assert (np.diff(distances, axis=1) >= 0).all()
