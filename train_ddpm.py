@@ -2521,20 +2521,26 @@ def write_preview(paths, ema_model, diffusion, noise, steps, epoch, classes=None
 
 class FidDuringTraining:
     """FID of the EMA model every --fid_every epochs: --fid_samples images from 20-step DPM-Solver++,
-    against the whole training set (statistics cached beside the runs), logged to fid_log.csv."""
+    against the whole training set (statistics cached beside the runs), logged to fid_log.csv. A
+    class-conditional model is scored on samples of every class in turn, at --guidance_scale."""
 
     STEPS = 20
 
-    def __init__(self, cfg, paths, device):
+    def __init__(self, cfg, paths, device, class_names=()):
         self.cfg, self.paths, self.device = cfg, paths, device
+        self.classes = torch.arange(cfg.fid_samples) % len(class_names) if class_names else None
         self.extractor = build_fid_inception(cfg.fid_weights or None, device)
         self.reference, self.reference_name = reference_images(cfg, cfg.data_dir)
 
     def __call__(self, ema_model, diffusion, step):
         steps = min(self.STEPS, self.cfg.timesteps)
+        scale = self.cfg.guidance_scale if self.classes is not None else 1.0
         images = generate_samples(ema_model, diffusion, self.cfg, self.cfg.fid_samples, self.cfg.batch_size,
-                                  "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed)
+                                  "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed, classes=self.classes,
+                                  guidance_scale=scale)
         info = dict(checkpoint="(training)", step=step, sampler="dpmpp2m", steps=steps, eta=0.0,
+                    classes="" if self.classes is None else "all", guidance_scale="" if self.classes is None else
+                    f"{scale:g}",
                     spacing=DEFAULT_SPACING["dpmpp2m"], source="ema", precision=precision_name(ema_model.dtype))
         scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
                               self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
@@ -2641,7 +2647,7 @@ def train(cfg, resume_from=None):
                         f"raise --max_minutes to train further")
 
     # Optional packages fail here, before anything is written.
-    fid_during_training = FidDuringTraining(cfg, paths, device) if cfg.fid_every and procs.main else None
+    fid_during_training = FidDuringTraining(cfg, paths, device, data.class_names) if cfg.fid_every and procs.main else None
     board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
     lock = RunLock(paths.checkpoints) if procs.main else None

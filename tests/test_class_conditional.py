@@ -1,7 +1,9 @@
 """Class-conditional training from a folder of class subfolders, through the real command line:
 labels, label dropout, exact resume, guided sampling by class, and the one-line refusals."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,3 +161,19 @@ def test_nearest_neighbours_of_training_images_are_themselves_at_distance_zero()
     want_d, want_i = full.topk(4, dim=1, largest=False)
     assert np.array_equal(indices, want_i.numpy()) and np.allclose(distances, want_d.numpy(), atol=1e-6)
     assert (np.diff(distances, axis=1) >= 0).all()
+
+
+FID_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "fid" / "pt_inception-2015-12-05-fc-zeroed.pth"
+
+
+@pytest.mark.skipif(not FID_WEIGHTS.is_file() or importlib.util.find_spec("pytorch_fid") is None,
+                    reason="needs pytorch-fid and ../shared/fid weights")
+def test_eval_scores_class_balanced_samples_and_logs_the_guidance_scale(conditional_run):
+    run = conditional_run / "checkpoints" / "whole"
+    result = run_cli("--mode", "eval", "--checkpoint", run, "--num_samples", "6", "--sampler", "ddim",
+                     "--sampling_steps", "3", "--guidance_scale", "3", "--fid_weights", FID_WEIGHTS,
+                     "--data_dir", conditional_run / "data", cwd=conditional_run)
+    assert_ok(result)
+    row = read_loss_log(run / "fid_log.csv")[-1]
+    assert (row["classes"], row["guidance_scale"], row["num_samples"]) == ("all", "3", "6")
+    assert float(row["fid"]) > 0
