@@ -17,6 +17,7 @@ Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++).
 """
 
 import argparse
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -44,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 
@@ -137,6 +139,11 @@ class Config:
     compile: bool = _field(False, "torch.compile the UNet: minutes of compiling first, faster steps after "
                                   "(for long GPU runs)")
     fused_adamw: bool = _field(True, "one fused AdamW kernel for all parameters")
+    # memory: the same update to float rounding, in less memory
+    grad_accum: int = _field(1, "split each step's --batch_size images into this many micro-batches, one "
+                                "forward and backward each, summed into one update (less memory, same math)")
+    grad_checkpointing: bool = _field(False, "recompute the residual and attention blocks' activations in the "
+                                             "backward pass instead of storing them (less memory, slower steps)")
     num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)", aliases=("workers",))
     # monitoring and saving
     log_every: int = _field(50, "write a loss-log row every this many steps", aliases=("log_interval",))
@@ -174,6 +181,7 @@ ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
+                     "grad_accum", "grad_checkpointing",
                      "num_workers", "data_dir", "log_every", "guidance_scale",
                      "sample_every", "num_preview", "preview_steps", "save_every", "save_every_steps",
                      "save_every_minutes", "max_bad_steps", "keep_last",
@@ -290,6 +298,8 @@ def validate_config(cfg):
         (cfg.grad_clip >= 0, "--grad_clip must be >= 0 (0 turns clipping off)"),
         (0.0 <= cfg.ema_decay < 1.0, "--ema_decay must be in [0, 1)"),
         (cfg.batch_size >= 1, "--batch_size must be at least 1"),
+        (cfg.grad_accum >= 1 and cfg.batch_size % cfg.grad_accum == 0,
+         f"--grad_accum must divide --batch_size {cfg.batch_size} into equal micro-batches (got {cfg.grad_accum})"),
         (cfg.epochs >= 1, "--epochs must be at least 1"),
         (cfg.max_steps >= 0, "--max_steps must be >= 0 (0 = no limit)"),
         (cfg.max_minutes >= 0, "--max_minutes must be >= 0 (0 = no limit)"),
@@ -628,6 +638,7 @@ class UNet(nn.Module):
                  norm_groups=32, norm_eps=1e-6, downsample_padding="same", norm_min_channels=4, num_classes=0):
         super().__init__()
         self.base_channels, self.num_classes = base_channels, num_classes
+        self.grad_checkpointing = False  # how it trains, not what it is: set by build_model, not saved
         norm = Norm(norm_groups, norm_eps, norm_min_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes:
@@ -685,24 +696,35 @@ class UNet(nn.Module):
         h = self.head(x)
         skips = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
             skips.append(h)
         for block in self.mid:
-            h = block(h, emb)
+            h = self._run(block, h, emb)
         for block in self.up:
             if isinstance(block, ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb)
+            h = self._run(block, h, emb)
         return self.out(h)
+
+    def _run(self, block, h, emb):
+        """A block, or with grad_checkpointing (while training) a ResBlock whose activations, its
+        attention's included, are recomputed in the backward pass instead of kept: only its input is
+        stored. Non-reentrant checkpointing replays the dropout masks of the forward pass."""
+        if self.grad_checkpointing and isinstance(block, ResBlock) and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
 
 def build_model(cfg, num_classes=0):
     """The UNet of cfg; num_classes > 0 (a class-conditional run's classes) adds the class embedding."""
-    return UNet(num_classes=num_classes if cfg.class_conditional else 0, image_size=cfg.image_size, base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
-                num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
-                dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention,
-                norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding,
-                norm_min_channels=cfg.norm_min_channels)
+    model = UNet(num_classes=num_classes if cfg.class_conditional else 0, image_size=cfg.image_size,
+                 base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
+                 num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
+                 dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention,
+                 norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding,
+                 norm_min_channels=cfg.norm_min_channels)
+    model.grad_checkpointing = cfg.grad_checkpointing
+    return model
 
 
 def count_parameters(model):
@@ -774,6 +796,11 @@ class Precision(nn.Module):
             return self.net(x, t, *labels).float()
         with torch.autocast(self.device_type, dtype=self.dtype):
             return self.net(x, t, *labels).float()
+
+    def no_sync(self):
+        """DDP's no_sync (gradients stay local until a later backward) when the UNet runs under DDP."""
+        net = getattr(self.net, "_orig_mod", self.net)  # torch.compile wraps the DDP module
+        return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
 def derived_seed(*keys):
@@ -2288,14 +2315,27 @@ def drop_labels(y, p, seed, step, batch_size, shard=slice(None)):
 
 
 def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes(),
-               y=None):
+               y=None, micro_batches=1):
     """One optimizer update on L_simple (Algorithm 1), skipped when the loss or the gradient is not
     finite. `forward` calls the model (under autocast, DDP, compile); `model` holds the parameters.
-    Returns device tensors, so nothing waits for the GPU: the grad norm, the per-image losses (B,)
-    and whether the step was skipped."""
-    losses = diffusion.training_losses(forward, x_start, t, noise, y)
+    With micro_batches K > 1 (--grad_accum) the batch runs as K forward and backward passes whose
+    gradients add up to the whole batch's, with the same t and noise per image: the same update to
+    float rounding, in 1/K of the activation memory. Under DDP the gradients are all-reduced once,
+    in the last backward. Returns device tensors, so nothing waits for the GPU: the grad norm, the
+    per-image losses (B,) and whether the step was skipped."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(losses.mean()).backward()
+    labels = (None,) * micro_batches if y is None else y.tensor_split(micro_batches)
+    parts = zip(x_start.tensor_split(micro_batches), t.tensor_split(micro_batches),
+                noise.tensor_split(micro_batches), labels)
+    losses = []
+    for i, (x_part, t_part, noise_part, y_part) in enumerate(parts):
+        last = i == micro_batches - 1
+        with contextlib.nullcontext() if last else getattr(forward, "no_sync", contextlib.nullcontext)():
+            part = diffusion.training_losses(forward, x_part, t_part, noise_part, y_part)
+            # its share of the whole batch's mean (times exactly 1.0 without accumulation)
+            scaler.scale(part.mean() * (len(part) / len(x_start))).backward()
+        losses.append(part.detach())
+    losses = torch.cat(losses) if micro_batches > 1 else losses[0]
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # Gradients are already averaged over the ranks, but a loss can be infinite on one rank alone.
@@ -2593,6 +2633,9 @@ def train(cfg, resume_from=None):
         refuse_existing_run(paths)
     if cfg.batch_size % procs.world:
         raise UserError(f"--batch_size {cfg.batch_size} must be a multiple of the {procs.world} processes")
+    if cfg.batch_size // procs.world % cfg.grad_accum:
+        raise UserError(f"--grad_accum {cfg.grad_accum} must divide each process's {cfg.batch_size // procs.world} "
+                        f"images of --batch_size {cfg.batch_size}")
     set_fast_math(cfg.tf32)
     torch.manual_seed(cfg.seed)
     if not procs.main:
@@ -2727,7 +2770,7 @@ def run_epochs(run, resume_from=None):
                 y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, shard)
                 torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
                 grad_norm, losses, bad = train_step(run.forward, model, diffusion, x_start, t, noise, run.optimizer,
-                                                    run.scaler, cfg.grad_clip, procs, y)
+                                                    run.scaler, cfg.grad_clip, procs, y, cfg.grad_accum)
                 ema.update(model, state.step)
                 state.step += 1
                 meter.add(grad_norm, losses, t, bad)
@@ -3273,8 +3316,9 @@ def build_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--mode", choices=("train", "sample", "eval"), default="train",
                         help="train a model, sample images from a checkpoint, or eval: FID and KID of its samples")
-    parser.add_argument("--resume", metavar="latest|PATH",
-                        help="continue a run: 'latest' (newest checkpoint of --run_name) or a checkpoint path")
+    parser.add_argument("--resume", metavar="latest|auto|PATH",
+                        help="continue a run: 'latest' (newest checkpoint of --run_name), 'auto' (latest, or "
+                             "start the run when it has none yet: for cluster jobs) or a checkpoint path")
     train = parser.add_argument_group("training (default: the preset's value; flags win over presets)")
     for f in dataclasses.fields(Config):
         flags = [f"--{f.name}"] + [f"--{alias}" for alias in f.metadata.get("aliases", ())]
@@ -3340,23 +3384,27 @@ def preset_config(preset, explicit):
     return Config(**{**PRESETS[preset], "preset": preset, **explicit})
 
 
-def resume_config(args, explicit):
+def latest_of_run(explicit):
+    """(newest checkpoint or None, run folder) of the run the flags name, for --resume latest."""
+    preset = explicit.get("preset", DEFAULT_PRESET)
+    base = preset_config(preset, explicit)
+    # Without --run_name, look in the default run folder; if a flag such as --timesteps changed
+    # that name, also in the preset's own, so the conflict is reported rather than "no checkpoint".
+    names = [base.run_name] if base.run_name else [default_run_name(base), default_run_name(preset_config(preset, {}))]
+    path = next(filter(None, (find_latest_checkpoint(Path(base.checkpoint_dir) / n) for n in names)), None)
+    return path, Path(base.checkpoint_dir) / names[0]
+
+
+def resume_config(resume, explicit):
     """The config of a resumed run and its checkpoint dict: the checkpoint's config, with only the
     flags that may change on resume applied; a flag contradicting the checkpoint is an error."""
-    if args.resume == "latest":
-        preset = explicit.get("preset", DEFAULT_PRESET)
-        base = preset_config(preset, explicit)
-        # Without --run_name, look in the default run folder; if a flag such as --timesteps changed
-        # that name, also in the preset's own, so the conflict is reported rather than "no checkpoint".
-        names = [base.run_name] if base.run_name else [default_run_name(base),
-                                                        default_run_name(preset_config(preset, {}))]
-        run_dir = Path(base.checkpoint_dir) / names[0]
-        path = next(filter(None, (find_latest_checkpoint(Path(base.checkpoint_dir) / n) for n in names)), None)
+    if resume == "latest":
+        path, run_dir = latest_of_run(explicit)
         if path is None:
-            raise UserError(f"no checkpoint to resume in {run_dir}; name the run with --run_name "
-                            f"or give a checkpoint path to --resume")
+            raise UserError(f"no checkpoint to resume in {run_dir}; name the run with --run_name, "
+                            f"give a checkpoint path to --resume, or use --resume auto to start it when new")
     else:
-        path = resolve_checkpoint_path(args.resume)
+        path = resolve_checkpoint_path(resume)
     ckpt = read_checkpoint(path)
     if "optimizer" not in ckpt:
         raise UserError(f"{path} holds sampling weights only; resume from a .pt training checkpoint")
@@ -3456,10 +3504,15 @@ def print_config(cfg):
 def resolve_train_config(args):
     """Config (and checkpoint dict on resume) from flags, preset, menu and checkpoint."""
     explicit = explicit_config(args)
-    if explicit.get("init_from") and not args.resume:
+    resume = args.resume
+    if resume == "auto":  # one command for a cluster job's first start and every requeue
+        resume = "latest" if latest_of_run(explicit)[0] is not None else None
+        if resume is None and torchrun_processes().main:
+            print("--resume auto: no checkpoint of this run yet, starting it")
+    if explicit.get("init_from") and not resume:
         explicit = {**explicit, **init_from_architecture(explicit)}
-    if args.resume:
-        cfg, ckpt = resume_config(args, explicit)
+    if resume:
+        cfg, ckpt = resume_config(resume, explicit)
     elif "preset" not in explicit and sys.stdin.isatty() and torchrun_processes().world == 1:
         cfg, ckpt = interactive_config(explicit), None
     else:

@@ -147,6 +147,65 @@ def test_fp16_with_the_grad_scaler_trains_and_skips_an_overflowing_step():
     assert scaler.get_scale() < 2.0 ** 16, "the scale backed off after the overflow"
 
 
+def accumulated_step(micro_batches, amp_dtype=None, batch=8):
+    """One train_step of a fresh tiny UNet on a fixed batch; returns (weights after, per-image losses, grad norm)."""
+    model, diffusion = tiny_unet(), td.GaussianDiffusion(td.make_beta_schedule("linear", 100, 1e-3, 0.2))
+    forward = td.Precision(model, torch.device("cpu"), amp_dtype)
+    optimizer = td.build_optimizer(model, td.Config(learning_rate=1e-3))
+    scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
+    x, t = inputs(batch=batch)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    grad_norm, losses, bad = td.train_step(forward, model, diffusion, x, t, noise, optimizer, scaler, 1.0,
+                                           micro_batches=micro_batches)
+    assert not bad
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), losses, grad_norm
+
+
+def test_gradient_accumulation_takes_the_whole_batch_step():
+    whole, losses, norm = accumulated_step(1)
+    for k in (2, 4):
+        weights, k_losses, k_norm = accumulated_step(k)
+        assert k_losses.shape == (8,)
+        torch.testing.assert_close(k_losses, losses, atol=1e-6, rtol=1e-5)  # same t and noise per image
+        torch.testing.assert_close(k_norm, norm, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(weights, whole, atol=1e-7, rtol=1e-6)
+    # A step on the first half alone is a different update: the comparison above can tell them apart.
+    assert not torch.allclose(accumulated_step(1, batch=4)[0], whole, atol=1e-7, rtol=1e-6)
+
+
+def test_gradient_accumulation_under_fp16_loss_scaling_matches_the_whole_batch():
+    whole, losses, norm = accumulated_step(1, torch.float16)
+    weights, k_losses, k_norm = accumulated_step(2, torch.float16)
+    torch.testing.assert_close(k_losses, losses, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(k_norm, norm, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(weights, whole, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_saves_fewer_activations():
+    x, t = inputs()
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_unet(dropout=0.3)
+        model.grad_checkpointing = checkpointing
+        saved = {}
+
+        def pack(tensor):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        torch.manual_seed(5)  # the same dropout masks, which the recomputation must replay
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(x, t).square().mean()
+        loss.backward()
+        results.append(([p.grad.clone() for p in model.parameters()], sum(saved.values())))
+    (plain_grads, plain_bytes), (ckpt_grads, ckpt_bytes) = results
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert ckpt_bytes < plain_bytes / 2, (ckpt_bytes, plain_bytes)
+    with torch.no_grad():  # sampling never checkpoints
+        model(x, t)
+
+
 def test_torch_compile_gives_the_eager_outputs():
     model = tiny_unet()
     x, t = inputs()
@@ -217,8 +276,28 @@ def single_run(cifar_dir, tmp_path_factory):
     return root / "checkpoints" / "one"
 
 
-def test_two_gloo_processes_train_as_one_process_with_the_same_global_batch(single_run, cifar_dir, tmp_path):
-    result = torchrun(*DDP_FLAGS, "--max_steps", "8", "--data_dir", cifar_dir, "--run_name", "two", cwd=tmp_path)
+def two_nodes(*args, cwd):
+    """torchrun on 2 "nodes" of 1 process each, as a cluster starts it (one launch per node, a c10d
+    rendezvous at node 0's address), both nodes here on localhost. Returns node 0's result."""
+    with __import__("socket").socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, **OFFLINE, "OMP_NUM_THREADS": "1"}
+    launches = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                                  "--node_rank", str(node), "--rdzv_backend", "c10d", "--rdzv_id", "test",
+                                  "--rdzv_endpoint", f"localhost:{port}", str(SCRIPT), *map(str, args)],
+                                 cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 stdin=subprocess.DEVNULL) for node in (0, 1)]
+    results = []
+    for launch in launches:
+        out, err = launch.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(launch.args, launch.returncode, out, err))
+    assert_ok(results[1])
+    return results[0] if "UNet:" in results[0].stdout else results[1]  # the node that got rank 0
+
+
+def test_two_nodes_of_one_gloo_process_train_as_one_process_with_the_same_global_batch(single_run, cifar_dir, tmp_path):
+    result = two_nodes(*DDP_FLAGS, "--max_steps", "8", "--data_dir", cifar_dir, "--run_name", "two", cwd=tmp_path)
     assert_ok(result)
     assert "x 2 processes" in result.stdout
     assert result.stdout.count("UNet:") == 1, "only rank 0 prints"
@@ -261,12 +340,16 @@ def test_num_gpus_launches_torchrun_itself_and_sample_mode_shards_the_same_image
     assert np.array_equal(images_one, images_two)
 
 
-def test_num_gpus_training_equals_torchrun(single_run, cifar_dir, tmp_path):
+def test_num_gpus_training_with_gradient_accumulation_equals_one_process(single_run, cifar_dir, tmp_path):
+    # 2 processes x 2 micro-batches of 4 images: the gradients sync once per step, in the last backward
     result = run_cli(*DDP_FLAGS, "--max_steps", "8", "--data_dir", cifar_dir, "--run_name", "n", "--num_gpus", "2",
-                     cwd=tmp_path)
+                     "--grad_accum", "2", cwd=tmp_path)
     assert_ok(result)
-    assert_close_state(load_ckpt(tmp_path / "checkpoints" / "n" / "latest.pt")["model"],
-                       load_ckpt(single_run / "latest.pt")["model"], "model")
+    ckpt = load_ckpt(tmp_path / "checkpoints" / "n" / "latest.pt")
+    assert ckpt["config"]["grad_accum"] == 2 and ckpt["config"]["batch_size"] == 16
+    assert_close_state(ckpt["model"], load_ckpt(single_run / "latest.pt")["model"], "model")
+    rows = read_loss_log(tmp_path / "checkpoints" / "n" / "loss_log.csv")
+    assert [r["step"] for r in rows] == [r["step"] for r in read_loss_log(single_run / "loss_log.csv")], "whole steps"
 
 
 @pytest.mark.parametrize("flags, fragment", [

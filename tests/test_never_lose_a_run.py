@@ -152,6 +152,35 @@ def test_n_plus_m_steps_equal_n_steps_then_a_resume_for_m_bit_for_bit(cifar_dir,
     assert [(r["step"], r["session"]) for r in rows_b if int(r["step"]) > 6] == [(s, "1") for s in ("8", "10", "12", "13")]
 
 
+def test_a_gradient_accumulation_run_resumes_bit_for_bit_keeps_k_and_may_change_it(cifar_dir, tmp_path):
+    flags = [*TINY, "--dropout", "0", "--sample_every", "0", "--epochs", "4", "--grad_accum", "2",
+             "--data_dir", cifar_dir]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    assert_ok(run_cli(*flags, "--max_steps", "13", cwd=one))
+    # --resume auto, as a cluster job script uses it: the first start begins the run, the next resumes it
+    first = run_cli(*flags, "--max_steps", "7", "--resume", "auto", cwd=two)
+    assert_ok(first)
+    assert "no checkpoint of this run yet, starting it" in first.stdout
+    again = run_cli("--run_name", RUN, "--resume", "auto", "--max_steps", "13", cwd=two)
+    assert_ok(again)
+    assert "resuming" in again.stdout
+    a, b = load_ckpt(one / "checkpoints" / RUN / "latest.pt"), load_ckpt(two / "checkpoints" / RUN / "latest.pt")
+    assert a["step"] == b["step"] == 13 and b["config"]["grad_accum"] == 2, "the resume kept K"
+    assert same_tensors(a["model"], b["model"]) and same_tensors(a["ema"], b["ema"])
+    # A smaller GPU on the next leg: K may change, and the update stays the same to float rounding.
+    assert_ok(run_cli("--run_name", RUN, "--resume", "latest", "--max_steps", "16", cwd=one))
+    assert_ok(run_cli("--run_name", RUN, "--resume", "latest", "--max_steps", "16", "--grad_accum", "4", cwd=two))
+    a, b = load_ckpt(one / "checkpoints" / RUN / "latest.pt"), load_ckpt(two / "checkpoints" / RUN / "latest.pt")
+    assert b["config"]["grad_accum"] == 4 and a["step"] == b["step"] == 16
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], atol=2e-5, rtol=1e-4, msg=key)
+    steps = [[r["step"] for r in read_loss_log(d / "checkpoints" / RUN / "loss_log.csv")] for d in (one, two)]
+    assert steps[0] == steps[1], "the loss log counts whole steps, whatever K"
+    bad = run_cli("--run_name", RUN, "--resume", "latest", "--max_steps", "20", "--grad_accum", "3", cwd=two)
+    assert bad.returncode == 2 and "--grad_accum must divide --batch_size 16" in bad.stderr
+
+
 def test_max_minutes_stops_on_time_with_a_preview_and_a_save_and_resumes_to_the_uninterrupted_weights(
         cifar_dir, tmp_path):
     flags = [*TINY, "--dropout", "0.1", "--epochs", "4", "--val_size", "0", "--data_dir", cifar_dir]
