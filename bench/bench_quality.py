@@ -284,7 +284,8 @@ class Scorer:
 
 def real_images(folder, n, seed):
     images, _ = td.load_image_folder(folder, 32, os.cpu_count())
-    pick = np.sort(np.random.default_rng(seed).choice(len(images), min(n, len(images)), replace=False))
+    # Random order, not sorted: a class-sorted folder would otherwise put only airplanes in the picture.
+    pick = np.random.default_rng(seed).choice(len(images), min(n, len(images)), replace=False)
     return images[pick].transpose(0, 2, 3, 1)
 
 
