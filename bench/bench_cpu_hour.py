@@ -1,0 +1,129 @@
+"""FID over training time of one preset (default cpu_hour): train for --minutes, score every ~10 minutes.
+
+    tar -xzf ../shared/data/cifar10-jpeg75.tar.gz -C /tmp
+    python bench/bench_cpu_hour.py --data_dir /tmp/cifar10-jpeg75/train \
+        --fid_weights ../shared/fid/pt_inception-2015-12-05-fc-zeroed.pth \
+        --reference_stats ../shared/fid/cifar10-jpeg75-train-stats.npz
+
+Trains `train_ddpm.py --preset P --max_minutes M` through the real command line (one epoch
+checkpoint per pass over the images), then for the epoch checkpoint nearest each --every minutes of
+training time samples --num_samples images (DPM-Solver++(2M), 20 steps, EMA weights) and scores
+FID@N and KID against --reference_stats, with the samples' mean saturation (real CIFAR-10: about
+33). Prints one Markdown table, writes OUT/curve.md, OUT/curve.png (FID against minutes) and
+OUT/grid.png (the first 100 samples of the last checkpoint, 10 x 10). Finished steps are cached:
+a rerun with the same settings only does what is missing.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_quality as bq  # noqa: E402  (its Scorer, saturation and the train_ddpm import)
+
+td, REPO = bq.td, bq.REPO
+
+
+def train(args, out):
+    run = out / "checkpoints" / "run"
+    if td.find_latest_checkpoint(run) is not None:
+        print(f"{run} is trained already: scoring it")
+        return run
+    flags = [*args.train_flags.split(), "--dataset", "folder", "--data_dir", args.data_dir, "--train_subset", "0",
+             "--val_size", "0", "--max_minutes", str(args.minutes), "--epochs", "100000", "--keep_last", "0",
+             "--fid_every", "0", "--run_name", "run", "--seed", str(args.seed),
+             "--checkpoint_dir", str(out / "checkpoints"), "--samples_dir", str(out / "previews")]
+    subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--mode", "train", "--preset", args.preset, *flags],
+                   check=True)
+    return run
+
+
+def checkpoints_to_score(run, every_minutes):
+    """(path, minutes, step) of the epoch checkpoint nearest each multiple of every_minutes, and the last."""
+    found = []
+    for path in td.epoch_checkpoints(run):
+        ckpt = td.read_checkpoint(path)
+        found.append((path, ckpt["elapsed_s"] / 60, ckpt["step"], ckpt["config"]["batch_size"]))
+    marks = np.arange(every_minutes, found[-1][1] + every_minutes / 2, every_minutes)
+    chosen = {min(found, key=lambda f: abs(f[1] - m))[0] for m in marks} | {found[-1][0]}
+    return [f for f in found if f[0] in chosen]
+
+
+def score(args, out, scorer, path):
+    cache = out / "scores" / f"{path.stem}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    folder = out / "samples" / path.stem
+    subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--mode", "sample", "--checkpoint", str(path),
+                    "--sampler", "dpmpp2m", "--sampling_steps", "20", "--num_samples", str(args.num_samples),
+                    "--seed", str(args.seed), "--out", str(folder)], check=True)
+    images = np.load(next(folder.glob("*.npz")))["arr_0"]
+    fid, kid = scorer(images)
+    result = dict(fid=fid, kid=kid, saturation=bq.mean_saturation(images), samples=str(next(folder.glob("*.npz"))))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def write_plot(rows, path, n):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "o-")
+    ax.set_xlabel("training minutes")
+    ax.set_ylabel(f"FID@{n}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_grid(images, path):
+    from PIL import Image
+    grid = images[:100].reshape(10, 10, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(320, 320, 3)
+    Image.fromarray(grid).resize((640, 640), Image.NEAREST).save(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", required=True, help="the training images (a folder, e.g. CIFAR-10 as JPEGs)")
+    parser.add_argument("--preset", default="cpu_hour")
+    parser.add_argument("--train_flags", default="", help="extra train_ddpm.py flags")
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--every", type=float, default=10.0, help="score the checkpoint nearest every this many minutes")
+    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--reference_stats", help="FID statistics (.npz with mu, sigma) of the training set")
+    parser.add_argument("--kid_images", type=int, default=2000)
+    parser.add_argument("--fid_weights", help="the FID Inception weights file (else pytorch-fid's download)")
+    parser.add_argument("--out", default="bench_cpu_hour_out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    out = Path(args.out)
+    run = train(args, out)
+    scorer = bq.Scorer(args, out)
+    rows = []
+    for path, minutes, step, batch in checkpoints_to_score(run, args.every):
+        rows.append(dict(minutes=minutes, step=step, images=step * batch, **score(args, out, scorer, path)))
+    lines = [f"{args.preset}: {args.minutes:g} minutes of training on {args.data_dir}; FID@{args.num_samples} and KID "
+             f"against {scorer.name}; DPM-Solver++(2M) 20 steps, EMA weights, seed {args.seed}", "",
+             f"| training minutes | step | training images | FID@{args.num_samples} | KID x1e3 | mean saturation |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['minutes']:.1f} | {r['step']:,} | {r['images']:,} | {r['fid']:.2f} | {r['kid']} "
+                     f"| {r['saturation']:.1f} |")
+    text = "\n".join(lines)
+    print("\n" + text)
+    (out / "curve.md").write_text(text + "\n")
+    write_plot(rows, out / "curve.png", args.num_samples)
+    write_grid(np.load(rows[-1]["samples"])["arr_0"], out / "grid.png")
+    print(f"\nwrote {out / 'curve.md'}, {out / 'curve.png'} and {out / 'grid.png'}")
+
+
+if __name__ == "__main__":
+    main()
