@@ -2513,9 +2513,12 @@ class Meter:
             self._start_interval(step, now)
         return row
 
-    def eta(self, step, total_steps):
+    def eta(self, step, total_steps, max_minutes=0.0):
+        """Time left until total_steps at this session's pace, or until --max_minutes if sooner."""
         rate = (step - self.session_start_step) / (time.perf_counter() - self.session_start)
         seconds = int((total_steps - step) / rate)
+        if max_minutes:
+            seconds = max(0, min(seconds, int(60 * max_minutes - self.elapsed())))
         return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
@@ -2783,7 +2786,7 @@ def run_epochs(run, resume_from=None):
                         log.write(**row)
                         board.scalars("train", row, state.step)
                     bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
-                                    eta_total=meter.eta(state.step, total_steps))
+                                    eta_total=meter.eta(state.step, total_steps, cfg.max_minutes))
                 # stop early? Under DDP all ranks must agree, so they decide together every few steps.
                 if state.step % check_every == 0 and procs.any(meter.bad_streak() >= cfg.max_bad_steps, device):
                     stopped = "bad"

@@ -203,6 +203,14 @@ def test_max_minutes_stops_on_time_with_a_preview_and_a_save_and_resumes_to_the_
     assert same_tensors(a["model"], b["model"]) and same_tensors(a["ema"], b["ema"])
 
 
+def test_the_eta_of_a_max_minutes_run_is_the_time_it_has_left():
+    meter = td.Meter(torch.device("cpu"), step=0, elapsed_before=50 * 60, num_timesteps=20)  # 50 minutes done
+    time.sleep(0.05)
+    assert meter.eta(100, 10 ** 9, max_minutes=60) in ("0:09:59", "0:10:00")
+    assert int(meter.eta(100, 10 ** 9).split(":")[0]) > 100, "without a time limit: the steps left"
+    assert meter.eta(100, 101, max_minutes=60) == "0:00:00", "the steps run out first"
+
+
 # --- 4. Non-finite losses and gradients ---------------------------------------------------------------
 
 def tiny_training(fused):
