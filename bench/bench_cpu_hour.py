@@ -1,7 +1,7 @@
 """FID over training time of one preset (default cpu_hour): train for --minutes, score every ~10 minutes.
 
     tar -xzf ../shared/data/cifar10-jpeg75.tar.gz -C /tmp
-    python bench/bench_cpu_hour.py --data_dir /tmp/cifar10-jpeg75/train \
+    python bench/bench_cpu_hour.py --data_dir /tmp/cifar10-jpeg75/train --real_dir /tmp/cifar10-jpeg75/test \
         --fid_weights ../shared/fid/pt_inception-2015-12-05-fc-zeroed.pth \
         --reference_stats ../shared/fid/cifar10-jpeg75-train-stats.npz
 
@@ -69,12 +69,26 @@ def score(args, out, scorer, path):
     return result
 
 
-def write_plot(rows, path, n):
+def score_real(args, out, scorer):
+    """The floor of the measurement: --num_samples held-out real images scored like the samples."""
+    cache = out / "scores" / f"real_{args.num_samples}_seed{args.seed}.json"
+    if not cache.exists():
+        images = bq.real_images(args.real_dir, args.num_samples, args.seed)
+        fid, kid = scorer(images)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(dict(fid=fid, kid=kid, saturation=bq.mean_saturation(images))))
+    return json.loads(cache.read_text())
+
+
+def write_plot(rows, path, n, floor=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "o-")
+    ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "o-", label="samples")
+    if floor is not None:
+        ax.axhline(floor, color="grey", ls="--", label=f"real images: {floor:.1f}")
+        ax.legend()
     ax.set_xlabel("training minutes")
     ax.set_ylabel(f"FID@{n}")
     ax.grid(alpha=0.3)
@@ -98,6 +112,7 @@ def main():
     parser.add_argument("--every", type=float, default=10.0, help="score the checkpoint nearest every this many minutes")
     parser.add_argument("--num_samples", type=int, default=2000)
     parser.add_argument("--reference_stats", help="FID statistics (.npz with mu, sigma) of the training set")
+    parser.add_argument("--real_dir", help="held-out real images (e.g. the test folder): adds the floor row")
     parser.add_argument("--kid_images", type=int, default=2000)
     parser.add_argument("--fid_weights", help="the FID Inception weights file (else pytorch-fid's download)")
     parser.add_argument("--out", default="bench_cpu_hour_out")
@@ -114,13 +129,17 @@ def main():
              f"against {scorer.name}; DPM-Solver++(2M) 20 steps, EMA weights, seed {args.seed}", "",
              f"| training minutes | step | training images | FID@{args.num_samples} | KID x1e3 | mean saturation |",
              "|---|---|---|---|---|---|"]
+    floor = score_real(args, out, scorer) if args.real_dir else None
+    if floor:
+        lines.append(f"| real images (held out): the floor | - | - | {floor['fid']:.2f} | {floor['kid']} "
+                     f"| {floor['saturation']:.1f} |")
     for r in rows:
         lines.append(f"| {r['minutes']:.1f} | {r['step']:,} | {r['images']:,} | {r['fid']:.2f} | {r['kid']} "
                      f"| {r['saturation']:.1f} |")
     text = "\n".join(lines)
     print("\n" + text)
     (out / "curve.md").write_text(text + "\n")
-    write_plot(rows, out / "curve.png", args.num_samples)
+    write_plot(rows, out / "curve.png", args.num_samples, floor and floor["fid"])
     write_grid(np.load(rows[-1]["samples"])["arr_0"], out / "grid.png")
     print(f"\nwrote {out / 'curve.md'}, {out / 'curve.png'} and {out / 'grid.png'}")
 

@@ -173,10 +173,19 @@ def test_a_gradient_accumulation_run_resumes_bit_for_bit_keeps_k_and_may_change_
     assert_ok(run_cli("--run_name", RUN, "--resume", "latest", "--max_steps", "16", "--grad_accum", "4", cwd=two))
     a, b = load_ckpt(one / "checkpoints" / RUN / "latest.pt"), load_ckpt(two / "checkpoints" / RUN / "latest.pt")
     assert b["config"]["grad_accum"] == 4 and a["step"] == b["step"] == 16
-    for key in a["model"]:
-        torch.testing.assert_close(b["model"][key], a["model"][key], atol=2e-5, rtol=1e-4, msg=key)
-    steps = [[r["step"] for r in read_loss_log(d / "checkpoints" / RUN / "loss_log.csv")] for d in (one, two)]
-    assert steps[0] == steps[1], "the loss log counts whole steps, whatever K"
+    # Compared as functions, not weight by weight: the key bias of attention gets a gradient of exactly zero
+    # in exact arithmetic (softmax ignores a constant added to every key), so Adam turns its rounding noise
+    # into full-size steps whose values differ with K and yet change no output.
+    torch.manual_seed(0)
+    x, t = torch.randn(4, 3, 32, 32), torch.tensor([0, 5, 10, 19])
+    with torch.no_grad():
+        out_a, out_b = (td.model_from_checkpoint(c, use_ema=False, amp="off")[0](x, t) for c in (a, b))
+    torch.testing.assert_close(out_b, out_a, atol=1e-4, rtol=1e-3)
+    rows = [read_loss_log(d / "checkpoints" / RUN / "loss_log.csv") for d in (one, two)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]], "the loss log counts whole steps, whatever K"
+    for ra, rb in zip(*rows):
+        if ra.get("loss"):
+            assert float(rb["loss"]) == pytest.approx(float(ra["loss"]), rel=1e-4), ra["step"]
     bad = run_cli("--run_name", RUN, "--resume", "latest", "--max_steps", "20", "--grad_accum", "3", cwd=two)
     assert bad.returncode == 2 and "--grad_accum must divide --batch_size 16" in bad.stderr
 
