@@ -53,14 +53,16 @@ def checkpoints_to_score(run, every_minutes):
     return [f for f in found if f[0] in chosen]
 
 
-def score(args, out, scorer, path):
-    cache = out / "scores" / f"{path.stem}.json"
+def score(args, out, scorer, path, name=None, sample_flags=()):
+    """FID, KID and saturation of --num_samples samples of checkpoint `path`, cached under `name`."""
+    name = name or path.stem
+    cache = out / "scores" / f"{name}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    folder = out / "samples" / path.stem
+    folder = out / "samples" / name
     subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--mode", "sample", "--checkpoint", str(path),
                     "--sampler", "dpmpp2m", "--sampling_steps", "20", "--num_samples", str(args.num_samples),
-                    "--seed", str(args.seed), "--out", str(folder)], check=True)
+                    "--seed", str(args.seed), "--out", str(folder), *sample_flags], check=True)
     images = np.load(next(folder.glob("*.npz")))["arr_0"]
     fid, kid = scorer(images)
     result = dict(fid=fid, kid=kid, saturation=bq.mean_saturation(images), samples=str(next(folder.glob("*.npz"))))
@@ -103,21 +105,27 @@ def write_grid(images, path):
     Image.fromarray(grid).resize((640, 640), Image.NEAREST).save(path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def train_and_score_arguments(doc, minutes, num_samples, out):
+    """The flags of a benchmark that trains one run through train() and scores it with score()."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data_dir", required=True, help="the training images (a folder, e.g. CIFAR-10 as JPEGs)")
     parser.add_argument("--preset", default="cpu_hour")
     parser.add_argument("--train_flags", default="", help="extra train_ddpm.py flags")
-    parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--every", type=float, default=10.0, help="score the checkpoint nearest every this many minutes")
-    parser.add_argument("--num_samples", type=int, default=2000)
+    parser.add_argument("--minutes", type=float, default=minutes, help="training time (--max_minutes)")
+    parser.add_argument("--num_samples", type=int, default=num_samples)
     parser.add_argument("--reference_stats", help="FID statistics (.npz with mu, sigma) of the training set")
-    parser.add_argument("--real_dir", help="held-out real images (e.g. the test folder): adds the floor row")
     parser.add_argument("--kid_images", type=int, default=2000)
     parser.add_argument("--fid_weights", help="the FID Inception weights file (else pytorch-fid's download)")
-    parser.add_argument("--out", default="bench_cpu_hour_out")
+    parser.add_argument("--out", default=out)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    return parser
+
+
+def main():
+    parser = train_and_score_arguments(__doc__, 60.0, 2000, "bench_cpu_hour_out")
+    parser.add_argument("--every", type=float, default=10.0, help="score the checkpoint nearest every this many minutes")
+    parser.add_argument("--real_dir", help="held-out real images (e.g. the test folder): adds the floor row")
     args = parser.parse_args()
     out = Path(args.out)
     run = train(args, out)
