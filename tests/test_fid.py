@@ -298,17 +298,18 @@ def all_cores():
 def test_fid_of_two_cifar10_halves_is_small_and_of_noise_is_large(all_cores):
     pytest.importorskip("pytorch_fid")
     extractor = td.build_fid_inception(FID_WEIGHTS)
-    images = np.load(CIFAR_5K)["x_train"][:1000]
-    noise = np.random.default_rng(0).integers(0, 256, size=(100, 32, 32, 3), dtype=np.uint8)
+    images = np.load(CIFAR_5K)["x_train"][:600]
+    noise = np.random.default_rng(0).integers(0, 256, size=(50, 32, 32, 3), dtype=np.uint8)
     half1, half2, noise_stats = (td.activation_statistics(td.compute_activations(x, extractor, 50, progress=False))
-                                 for x in (images[:500], images[500:], noise))
+                                 for x in (images[:300], images[300:], noise))
     halves = td.frechet_distance(*half1, *half2)
     to_noise = td.frechet_distance(*half1, *noise_stats)
-    print(f"FID 500 vs 500 CIFAR-10: {halves:.2f}; vs 100 uniform-noise images: {to_noise:.1f}")
-    # Measured 75.3 (46.0 for 1k vs 1k, 25.0 for 2k vs 2k; ../shared/README: 10.3 for 5k vs 5k): FID's
-    # small-sample bias grows as 1/N, so small halves of one distribution score far above published 50k FIDs.
-    assert 55 < halves < 100
-    assert to_noise > 250  # measured 466
+    print(f"FID 300 vs 300 CIFAR-10: {halves:.2f}; vs 50 uniform-noise images: {to_noise:.1f}")
+    # Measured 102.5 (75.3 for 500 vs 500, 46.0 for 1k vs 1k, 25.0 for 2k vs 2k; ../shared/README: 10.3 for
+    # 5k vs 5k): FID's small-sample bias grows as 1/N, so small halves of one distribution score far above
+    # published 50k FIDs. 650 Inception passes keep this check of the real network to about a minute.
+    assert 80 < halves < 130
+    assert to_noise > 250  # measured 473
 
 
 # --- The evaluation pipeline and --mode eval --------------------------------------------------------
