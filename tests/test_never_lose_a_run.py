@@ -99,7 +99,8 @@ def test_a_second_ctrl_c_quits_at_once_and_leaves_every_file_whole(cifar_dir, tm
 # --- 2. kill -9 at random moments ---------------------------------------------------------------------
 
 def test_kill_9_at_twelve_random_moments_always_resumes_to_the_uninterrupted_weights(cifar_dir, tmp_path):
-    # 100 steps: twelve lives that die 0.5-4 s after their start (about 2 of them start-up) train fewer
+    # 100 steps: each of the twelve lives dies 0.5-4 s after its start, about 2 s of which are start-up,
+    # so together they train far fewer steps than that and every kill lands before the run ends.
     flags = [*TINY, "--sample_every", "0", "--val_size", "0", "--dropout", "0.1", "--epochs", "20",
              "--save_every_steps", "1", "--data_dir", cifar_dir]
     total = 20 * 5
