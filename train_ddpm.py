@@ -113,8 +113,6 @@ class Config:
     beta_start: float = _field(1e-4, "first beta of the linear schedule")
     beta_end: float = _field(0.02, "last beta of the linear schedule")
     cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)")
-    min_snr_gamma: float = _field(0.0, "weight each image's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al. "
-                                       "2023, who use 5); 0 = the paper's unweighted L_simple")
     # optimisation
     learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",))
     weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
@@ -294,7 +292,6 @@ def validate_config(cfg):
         (cfg.guidance_scale >= 0, "--guidance_scale must be at least 0"),
         (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
-        (cfg.min_snr_gamma >= 0, "--min_snr_gamma must be >= 0 (0 turns the weighting off)"),
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
         (cfg.weight_decay >= 0, "--weight_decay must be >= 0"),
         (cfg.warmup_steps >= 0, "--warmup_steps must be >= 0"),
@@ -983,13 +980,6 @@ class GaussianDiffusion(nn.Module):
         labels = () if y is None else (y,)
         return (model(self.q_sample(x_start, t, noise), t, *labels) - noise).square().mean(dim=(1, 2, 3))
 
-    def min_snr_weights(self, gamma):
-        """Min-SNR-gamma's loss weight of each timestep for a noise predictor, min(SNR_t, gamma) / SNR_t
-        with SNR_t = abar_t / (1 - abar_t) (Hang et al. 2023, sec. 3.4): 1 wherever SNR_t <= gamma,
-        less on the least noisy steps, whose easy targets otherwise pull the shared weights their way."""
-        snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
-        return (snr.clamp(max=gamma) / snr).float()
-
     def respace(self, timesteps):
         """The Markov chain that visits only `timesteps` (increasing): betas recomputed from alpha_bar
         so that it has the same marginals q(x_t | x_0) there (improved-diffusion's respacing)."""
@@ -1337,8 +1327,8 @@ class EMA:
 class LRSchedule:
     """Linear warmup over warmup_steps, then a constant LR (the paper), PyTorch's
     CosineAnnealingWarmRestarts stepped every iteration with the fractional epoch since warmup, or
-    one cosine from the peak to min_lr over the rest of the run's planned steps (a short run that
-    ends at a low LR: what the last steps average over matters more than a flat EMA can give)."""
+    one cosine from the peak to min_lr over the rest of the run's planned steps (--epochs, cut at
+    --max_steps), the schedule diffusers' training script uses."""
 
     def __init__(self, optimizer, cfg, steps_per_epoch):
         self.optimizer, self.base_lr, self.min_lr = optimizer, cfg.learning_rate, cfg.min_lr
@@ -2336,9 +2326,9 @@ def drop_labels(y, p, seed, step, batch_size, shard=slice(None)):
 
 
 def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes(),
-               y=None, micro_batches=1, loss_weights=None):
+               y=None, micro_batches=1):
     """One optimizer update on L_simple (Algorithm 1), skipped when the loss or the gradient is not
-    finite; with loss_weights ((T,), e.g. Min-SNR's) each image's loss counts loss_weights[t] times. `forward` calls the model (under autocast, DDP, compile); `model` holds the parameters.
+    finite. `forward` calls the model (under autocast, DDP, compile); `model` holds the parameters.
     With micro_batches K > 1 (--grad_accum) the batch runs as K forward and backward passes whose
     gradients add up to the whole batch's, with the same t and noise per image: the same update to
     float rounding, in 1/K of the activation memory. Under DDP the gradients are all-reduced once,
@@ -2353,9 +2343,8 @@ def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, 
         last = i == micro_batches - 1
         with contextlib.nullcontext() if last else getattr(forward, "no_sync", contextlib.nullcontext)():
             part = diffusion.training_losses(forward, x_part, t_part, noise_part, y_part)
-            weighted = part if loss_weights is None else part * loss_weights[t_part]
             # its share of the whole batch's mean (times exactly 1.0 without accumulation)
-            scaler.scale(weighted.mean() * (len(part) / len(x_start))).backward()
+            scaler.scale(part.mean() * (len(part) / len(x_start))).backward()
         losses.append(part.detach())
     losses = torch.cat(losses) if micro_batches > 1 else losses[0]
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
@@ -2778,8 +2767,6 @@ def run_epochs(run, resume_from=None):
     batch_shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     shard = procs.shard(cfg.batch_size)
     check_every = min(cfg.log_every, cfg.max_bad_steps)  # host syncs for the bad-step and signal checks
-    # The log keeps the unweighted L_simple, so runs with and without Min-SNR compare on one scale.
-    loss_weights = diffusion.min_snr_weights(cfg.min_snr_gamma) if cfg.min_snr_gamma else None
 
     model.train()
     stopped = None  # why the run stops early: a signal number, or "bad" for non-finite steps
@@ -2797,7 +2784,7 @@ def run_epochs(run, resume_from=None):
                 y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, shard)
                 torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
                 grad_norm, losses, bad = train_step(run.forward, model, diffusion, x_start, t, noise, run.optimizer,
-                                                    run.scaler, cfg.grad_clip, procs, y, cfg.grad_accum, loss_weights)
+                                                    run.scaler, cfg.grad_clip, procs, y, cfg.grad_accum)
                 ema.update(model, state.step)
                 state.step += 1
                 meter.add(grad_norm, losses, t, bad)

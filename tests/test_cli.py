@@ -603,7 +603,6 @@ BAD_INPUTS = [
     ("preview-steps-above-timesteps", None, ["--preset", "quick_test", "--timesteps", "20", "--preview_steps", "50"],
      ["--preview_steps"]),
     ("zero-epochs", None, ["--preset", "quick_test", "--epochs", "0"], ["--epochs"]),
-    ("negative-min-snr-gamma", None, ["--preset", "quick_test", "--min_snr_gamma", "-5"], ["--min_snr_gamma"]),
     ("negative-max-minutes", None, ["--preset", "quick_test", "--max_minutes", "-1"], ["--max_minutes"]),
     ("channel-mults-not-integers", None, ["--preset", "quick_test", "--channel_mults", "1,x"], ["--channel_mults"]),
     ("one-timestep", None, ["--preset", "quick_test", "--timesteps", "1"], ["--timesteps"]),

@@ -253,45 +253,6 @@ def test_loss_is_zero_for_an_oracle_that_knows_x0_and_is_the_mse_against_the_noi
     assert zero.item() == pytest.approx((noise ** 2).mean().item(), rel=1e-12)
 
 
-def test_min_snr_weights_are_min_of_snr_and_gamma_over_snr_and_off_by_default():
-    abar = np.cumprod(1 - paper_linear_betas())
-    snr = abar / (1 - abar)
-    weights = linear_diffusion().min_snr_weights(5.0)
-    np.testing.assert_allclose(weights.numpy(), np.minimum(snr, 5.0) / snr, rtol=1e-6)
-    assert (weights[torch.from_numpy(snr <= 5.0)] == 1).all()  # the noisy steps keep L_simple exactly
-    assert weights[0].item() == pytest.approx(5.0 / snr[0], rel=1e-6) and weights[0] < 1e-3  # t = 0: SNR ~ 1e4
-    assert td.Config().min_snr_gamma == 0  # the paper's unweighted loss unless asked for
-
-
-def test_a_weighted_train_step_descends_the_weighted_mean_and_logs_the_unweighted_losses():
-    # eps_hat = a * x_t: each image's loss mean((a x_t - eps)^2) has d/da = mean(2 (a x_t - eps) x_t),
-    # so one SGD step of size 1 moves a by minus the w_t-weighted mean of those derivatives.
-    class Scaled(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
-
-        def forward(self, x_t, t):
-            return self.a * x_t
-
-    diffusion, model = linear_diffusion(), Scaled()
-    x0 = torch.rand(6, 3, 4, 4, dtype=torch.float64) * 2 - 1
-    t, noise = torch.tensor([0, 5, 60, 200, 500, 999]), torch.randn(6, 3, 4, 4, dtype=torch.float64)
-    weights = diffusion.min_snr_weights(5.0).double()
-    abar = torch.tensor(np.cumprod(1 - paper_linear_betas()))[t].view(-1, 1, 1, 1)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    per_image = ((0.3 * x_t - noise) ** 2).mean(dim=(1, 2, 3))
-    grads = (2 * (0.3 * x_t - noise) * x_t).mean(dim=(1, 2, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, losses, bad = td.train_step(model, model, diffusion, x0, t, noise, optimizer, scaler, 0.0,
-                                   loss_weights=weights)
-    assert not bad
-    torch.testing.assert_close(losses, per_image)
-    assert model.a.item() == pytest.approx(0.3 - (weights[t] * grads).mean().item(), rel=1e-10)
-    assert not torch.allclose((weights[t] * grads).mean(), grads.mean())  # the weighting changed the step
-
-
 # --- 4. Samplers with exact noise predictors ---------------------------------------------------------
 
 class MixtureEps:
