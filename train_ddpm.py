@@ -1342,20 +1342,19 @@ class LRSchedule:
 
     def set_step(self, step):
         """Set the LR for optimizer update number `step` (0-based) and return it."""
+        if step >= self.warmup_steps and self.restarts is not None:
+            self.restarts.step((step - self.warmup_steps) / self.steps_per_epoch)
+            return self.optimizer.param_groups[0]["lr"]
         if step < self.warmup_steps:
             lr = self.base_lr * (step + 1) / self.warmup_steps
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        elif self.restarts is not None:
-            self.restarts.step((step - self.warmup_steps) / self.steps_per_epoch)
+        elif self.cosine_steps:
+            progress = min(1.0, (step - self.warmup_steps) / self.cosine_steps)
+            lr = self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
         else:
             lr = self.base_lr
-            if self.cosine_steps:
-                progress = min(1.0, (step - self.warmup_steps) / self.cosine_steps)
-                lr = self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-        return self.optimizer.param_groups[0]["lr"]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
     def state_dict(self):
         return self.restarts.state_dict() if self.restarts is not None else {}
