@@ -153,6 +153,11 @@ class Config:
     sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)")
     num_preview: int = _field(10, "images in each preview grid")
     preview_steps: int = _field(50, "DDIM steps used for previews")
+    clip_x0: str = _field("static", "how the samplers hold each step's predicted x_0 in [-1, 1], in previews, FID "
+                                    "during training and (unless given again) --mode sample and eval: static clamps "
+                                    "every value (Ho et al.), dynamic divides by the image's 99.5th percentile of "
+                                    "|x_0| when above 1 (Imagen's dynamic thresholding), none leaves it",
+                          choices=("static", "dynamic", "none"))
     save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)",
                             aliases=("save_freq",))
     save_every_steps: int = _field(0, "also save latest.pt every this many steps (0 = off), so a crash "
@@ -186,7 +191,7 @@ ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
                      "grad_accum", "grad_checkpointing",
                      "num_workers", "data_dir", "log_every", "guidance_scale",
-                     "sample_every", "num_preview", "preview_steps", "save_every", "save_every_steps",
+                     "sample_every", "num_preview", "preview_steps", "clip_x0", "save_every", "save_every_steps",
                      "save_every_minutes", "max_bad_steps", "keep_last",
                      "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
                      "tensorboard")
@@ -218,11 +223,13 @@ PRESETS = {
                          class_conditional=True, class_dropout=0.1, guidance_scale=2.0),
     # One hour on a 2-core CPU is about 6,300 steps of 64: a 1.1M-parameter UNet at a constant high
     # LR with a short EMA, so the weights sampled at the end average the last few thousand steps.
+    # Dynamic thresholding: a model this young predicts x_0 far out of range at high noise, and
+    # clamping that seeds speckle (BENCHMARKS.md, "Dynamic thresholding").
     # 8 groups at every width keep it exportable to diffusers' UNet2DModel (one group count).
     "cpu_hour": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128, norm_groups=8,
                      dropout=0.0, batch_size=64, learning_rate=1e-3, warmup_steps=200, scheduler="constant",
                      grad_clip=1.0, ema_decay=0.999, epochs=10_000, max_minutes=60.0, val_size=0,
-                     save_every=1, sample_every=2, preview_steps=20, log_every=20),
+                     save_every=1, sample_every=2, preview_steps=20, log_every=20, clip_x0="dynamic"),
 }
 for _overrides in PRESETS.values():
     Config(**_overrides)
@@ -958,9 +965,7 @@ class GaussianDiffusion(nn.Module):
 
     def p_mean_variance(self, eps, x_t, t, clip_denoised=True, var_type="fixedlarge"):
         """Mean and log-variance of p(x_{t-1} | x_t) from a noise prediction (Ho et al. sec. 3.2)."""
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+        pred_xstart = clip_xstart(self.predict_xstart_from_eps(x_t, t, eps), clip_denoised)
         mean, _, log_variance = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         if var_type == "fixedlarge":
             log_variance = _extract(self.log_betas_fixedlarge, t, x_t)
@@ -1099,6 +1104,42 @@ def _distinct_increasing(timesteps, last):
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
 
 
+CLIP_MODES = CONFIG_FIELDS["clip_x0"].metadata["choices"]
+DYNAMIC_PERCENTILE = 0.995  # Imagen's and DPM-Solver++'s choice
+
+
+def clip_mode(clip):
+    """The name of a clip_denoised value: True is static, False is none (the older boolean)."""
+    mode = {True: "static", False: "none"}[clip] if isinstance(clip, bool) else clip
+    if mode not in CLIP_MODES:
+        raise ValueError(f"unknown clip_denoised {clip!r}; choose from True, False, {', '.join(CLIP_MODES)}")
+    return mode
+
+
+def clip_xstart(pred_xstart, clip):
+    """The predicted x_0, held to the data's range [-1, 1] before a sampler uses it.
+
+    static:  clamp every value (Ho et al.).
+    dynamic: Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s is the 99.5th percentile
+             of |x_0| over each image, at least 1; clamp to [-s, s] and divide by s. At high noise an
+             eps error is multiplied by sigma_t / alpha_t (150 at t = T - 1 of the linear schedule) in
+             x_0; clamping turns that into values at +-1, pixel by pixel, which the next steps read as
+             texture and keep; dividing by s shrinks the whole unsure prediction towards grey instead.
+             Where the prediction is within [-1, 1] both are the identity.
+    none:    as predicted.
+    """
+    mode = clip_mode(clip)
+    if mode == "static":
+        return pred_xstart.clamp(-1, 1)
+    if mode == "dynamic":
+        magnitude = pred_xstart.abs().flatten(1)
+        magnitude = magnitude.to(torch.promote_types(magnitude.dtype, torch.float32))  # quantile: no bf16
+        s = torch.quantile(magnitude, DYNAMIC_PERCENTILE, dim=1).clamp(min=1)
+        s = s.to(pred_xstart.dtype).view(-1, *([1] * (pred_xstart.dim() - 1)))
+        return pred_xstart.clamp(-s, s) / s
+    return pred_xstart
+
+
 def _initial_noise(shape, noise, generator, device):
     if noise is not None:
         return noise.to(device)
@@ -1145,8 +1186,8 @@ def ddim_sample(model, diffusion, shape, *, steps=None, eta=0.0, generator=None,
         abar, abar_next = alphas_cumprod[i], (alphas_cumprod[i - 1] if i > 0 else 1.0)
         eps = model(x, t_cur)
         pred_xstart = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+        if clip_mode(clip_denoised) != "none":
+            pred_xstart = clip_xstart(pred_xstart, clip_denoised)
             eps = (x - math.sqrt(abar) * pred_xstart) / math.sqrt(1 - abar)
         sigma = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
         x = math.sqrt(abar_next) * pred_xstart + math.sqrt(max(1 - abar_next - sigma ** 2, 0.0)) * eps
@@ -1176,9 +1217,7 @@ def dpmpp2m_sample(model, diffusion, shape, *, steps=None, generator=None, clip_
     for i in _progress(reversed(range(len(timesteps))), progress, "dpm-solver++ sampling"):
         t_cur = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
         alpha_t, sigma_t = math.sqrt(alphas_cumprod[i]), math.sqrt(1 - alphas_cumprod[i])
-        pred_xstart = (x - sigma_t * model(x, t_cur)) / alpha_t
-        if clip_denoised:
-            pred_xstart = pred_xstart.clamp(-1, 1)
+        pred_xstart = clip_xstart((x - sigma_t * model(x, t_cur)) / alpha_t, clip_denoised)
         if i == 0:
             return pred_xstart
         alpha_next, sigma_next = math.sqrt(alphas_cumprod[i - 1]), math.sqrt(1 - alphas_cumprod[i - 1])
@@ -1239,15 +1278,17 @@ def save_labelled_grid(images, row_names, path, title=""):
 
 class TrajectoryRecorder:
     """Wraps a noise predictor and keeps, at every call of the sampler, x_t and the x_0 it predicts
-    (clipped to [-1, 1]) for the first `rows` images: how a sample forms, for any sampler."""
+    (held in [-1, 1] by the sampler's clip rule) for the first `rows` images: how a sample forms, for
+    any sampler."""
 
-    def __init__(self, predictor, diffusion, rows):
+    def __init__(self, predictor, diffusion, rows, clip="static"):
         self.predictor, self.alphas_cumprod, self.rows, self.points = predictor, diffusion.alphas_cumprod, rows, []
+        self.clip = clip
 
     def __call__(self, x, t):
         eps = self.predictor(x, t)
         abar = self.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
-        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        x0 = clip_xstart((x - (1 - abar).sqrt() * eps) / abar.sqrt(), self.clip).clamp(-1, 1)
         self.points.append((int(t[0]), x[:self.rows].cpu(), x0[:self.rows].cpu()))
         return eps
 
@@ -1781,7 +1822,7 @@ def config_from_diffusers(unet, scheduler, where):
                   downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
                   timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
                   beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
-                  run_name=Path(where).resolve().name)
+                  clip_x0=clip_from_diffusers(scheduler), run_name=Path(where).resolve().name)
 
 
 def diffusers_unet_folder(path):
@@ -1855,9 +1896,32 @@ def diffusers_configs(cfg):
     scheduler = dict(_class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
                      num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                      beta_schedule="linear" if cfg.schedule_type == "linear" else "squaredcos_cap_v2",
-                     trained_betas=None, variance_type="fixed_large", clip_sample=True, clip_sample_range=1.0,
-                     prediction_type="epsilon")
+                     trained_betas=None, variance_type="fixed_large", prediction_type="epsilon",
+                     **DIFFUSERS_CLIP[cfg.clip_x0])
     return unet, scheduler
+
+
+# How diffusers' schedulers say each --clip_x0. Their dynamic thresholding caps s at sample_max_value;
+# Imagen's rule has no cap, so the export sets one that no prediction reaches.
+DIFFUSERS_CLIP = {
+    "static": dict(clip_sample=True, clip_sample_range=1.0, thresholding=False),
+    "dynamic": dict(clip_sample=True, clip_sample_range=1.0, thresholding=True,
+                    dynamic_thresholding_ratio=DYNAMIC_PERCENTILE, sample_max_value=1e6),
+    "none": dict(clip_sample=False, thresholding=False),
+}
+
+
+def clip_from_diffusers(scheduler):
+    """The --clip_x0 of a diffusers scheduler config (which clips by default)."""
+    if scheduler.get("thresholding") and scheduler.get("sample_max_value", 1.0) > 1:
+        ratio = scheduler.get("dynamic_thresholding_ratio", 0.995)
+        if ratio != DYNAMIC_PERCENTILE:
+            raise UserError(f"cannot load a diffusers scheduler with dynamic_thresholding_ratio {ratio}: "
+                            f"only {DYNAMIC_PERCENTILE} (Imagen's) is supported")
+        return "dynamic"
+    if scheduler.get("thresholding") or scheduler.get("clip_sample", True):
+        return "static"  # thresholding capped at 1 is clipping
+    return "none"
 
 
 def export_diffusers(ckpt, folder, use_ema=True):
@@ -2222,7 +2286,7 @@ def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subs
     return {"fid": fid, "kid": kid, "kid_std": kid_std}
 
 
-FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "eta", "source",
+FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "clip", "eta", "source",
                    "precision", "classes", "guidance_scale", "reference", "reference_n", "fid", "kid", "kid_std")
 
 
@@ -2559,11 +2623,11 @@ def preview_labels(class_names, per_class):
 
 
 def write_preview(paths, ema_model, diffusion, noise, steps, epoch, classes=None, guidance_scale=1.0,
-                  class_names=()):
+                  class_names=(), clip_x0="static"):
     """A grid of DDIM samples from the fixed preview noise: (its PNG path, the images in [-1, 1]).
     A class-conditional model's grid has a row per class, named in the picture."""
     images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise,
-                              classes=classes, guidance_scale=guidance_scale)
+                              clip_denoised=clip_x0, classes=classes, guidance_scale=guidance_scale)
     path = paths.samples / f"epoch_{epoch:04d}.png"
     if class_names:
         save_labelled_grid(images, class_names, path, title=f"w = {guidance_scale:g}")
@@ -2589,12 +2653,12 @@ class FidDuringTraining:
         steps = min(self.STEPS, self.cfg.timesteps)
         scale = self.cfg.guidance_scale if self.classes is not None else 1.0
         images = generate_samples(ema_model, diffusion, self.cfg, self.cfg.fid_samples, self.cfg.batch_size,
-                                  "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed, classes=self.classes,
-                                  guidance_scale=scale)
+                                  "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed, clip_denoised=self.cfg.clip_x0,
+                                  classes=self.classes, guidance_scale=scale)
         info = dict(checkpoint="(training)", step=step, sampler="dpmpp2m", steps=steps, eta=0.0,
                     classes="" if self.classes is None else "all", guidance_scale="" if self.classes is None else
                     f"{scale:g}",
-                    spacing=DEFAULT_SPACING["dpmpp2m"], source="ema", precision=precision_name(ema_model.dtype))
+                    spacing=DEFAULT_SPACING["dpmpp2m"], clip=self.cfg.clip_x0, source="ema", precision=precision_name(ema_model.dtype))
         scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
                               self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
                               info, self.device)
@@ -2822,7 +2886,8 @@ def run_epochs(run, resume_from=None):
                     finished = finished or stop
                 if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished) and not signals.received:
                     preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise, cfg.preview_steps,
-                                                  epoch_done, preview_classes, cfg.guidance_scale, run.class_names)
+                                                  epoch_done, preview_classes, cfg.guidance_scale, run.class_names,
+                                                  cfg.clip_x0)
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")
                 # save
@@ -3159,19 +3224,23 @@ def run_sample(args):
     device, procs = init_processes(args.device or "auto")
     model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
     seed = cfg.seed if args.seed is None else args.seed
+    clip = cfg.clip_x0 if args.clip_x0 is None else args.clip_x0
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
           f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters")
 
     images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
-                              steps, args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
-                              procs=procs, classes=classes, guidance_scale=scale)
+                              steps, args.eta, args.var_type, seed, clip_denoised=clip,
+                              timestep_spacing=args.timestep_spacing, procs=procs, classes=classes,
+                              guidance_scale=scale)
     if not procs.main:
         return
     out.mkdir(parents=True, exist_ok=True)
     suffix = {"ddim": f"_eta{args.eta:g}", "ddpm": f"_{args.var_type}", "dpmpp2m": ""}[args.sampler]
     if args.timestep_spacing:
         suffix += f"_{args.timestep_spacing}"
+    if clip != "static":
+        suffix += f"_clip{clip}"
     names = list(ckpt.get("class_names") or ())
     if classes is not None:
         suffix += f"_{args.class_label or 'all'}_w{scale:g}"
@@ -3195,11 +3264,11 @@ def run_sample(args):
     if args.trajectory:
         rows = min(4, args.num_samples)
         predictor = model if classes is None else guided_noise_predictor(model, classes[:rows], scale)
-        recorder = TrajectoryRecorder(predictor, diffusion, rows)
+        recorder = TrajectoryRecorder(predictor, diffusion, rows, clip)
         generator = torch.Generator(device=device).manual_seed(derived_seed(seed, 0, SAMPLE_BATCH))
         final = diffusion.sample(recorder, (rows, 3, cfg.image_size, cfg.image_size), sampler=args.sampler,
                                  steps=steps, eta=args.eta, generator=generator, var_type=args.var_type,
-                                 timestep_spacing=args.timestep_spacing)
+                                 clip_denoised=clip, timestep_spacing=args.timestep_spacing)
         save_trajectory(recorder.points, final.cpu(), out / f"{stem}_trajectory.png")
         print(f"wrote {out / (stem + '_trajectory.png')}")
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
@@ -3262,13 +3331,15 @@ def run_eval(args):
     else:
         model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
         seed = cfg.seed if args.seed is None else args.seed
+        clip = cfg.clip_x0 if args.clip_x0 is None else args.clip_x0
         images = generate_samples(model, diffusion, cfg, num_samples, args.batch_size or 128, args.sampler, steps,
-                                  args.eta, args.var_type, seed, timestep_spacing=args.timestep_spacing,
-                                  procs=procs, classes=classes, guidance_scale=scale)
+                                  args.eta, args.var_type, seed, clip_denoised=clip,
+                                  timestep_spacing=args.timestep_spacing, procs=procs, classes=classes,
+                                  guidance_scale=scale)
         info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
                     classes="" if classes is None else (args.class_label or "all"),
                     guidance_scale="" if classes is None else f"{scale:g}",
-                    spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler],
+                    spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler], clip=clip,
                     source=sampling_weights(ckpt, not args.no_ema), precision=precision_name(model.dtype))
     if not procs.main:
         return

@@ -789,12 +789,20 @@ def test_plot_loss_draws_the_log_of_a_real_run(trained, tmp_path):
     assert "plateau check:" in result.stdout and f"step {2 * STEPS_PER_EPOCH}" in result.stdout
 
 
-def test_dpm_solver_sampling_from_the_cli_with_a_chosen_spacing(trained, tmp_path):
+def test_dpm_solver_sampling_from_the_cli_with_a_chosen_spacing_and_clip(trained, tmp_path):
     result = run_cli("--mode", "sample", "--checkpoint", trained.run_dir, "--sampler", "dpmpp2m",
                      "--sampling_steps", "6", "--timestep_spacing", "quadratic", "--num_samples", "3", cwd=tmp_path)
     assert_ok(result)
     (npz,) = (tmp_path / "samples" / RUN).glob("samples_dpmpp2m6_quadratic_seed0.npz")
     assert np.load(npz)["arr_0"].shape == (3, 32, 32, 3)
+    # the same noise with dynamic thresholding: its own files, and other images (a briefly trained
+    # model's x_0 at high noise is far outside [-1, 1], where the two rules differ)
+    result = run_cli("--mode", "sample", "--checkpoint", trained.run_dir, "--sampler", "dpmpp2m",
+                     "--sampling_steps", "6", "--timestep_spacing", "quadratic", "--num_samples", "3",
+                     "--clip_x0", "dynamic", cwd=tmp_path)
+    assert_ok(result)
+    (dynamic,) = (tmp_path / "samples" / RUN).glob("samples_dpmpp2m6_quadratic_clipdynamic_seed0.npz")
+    assert not np.array_equal(np.load(dynamic)["arr_0"], np.load(npz)["arr_0"])
 
 
 # --- 11. Validation loss, quartile losses, best.pt and early stopping ------------------------------

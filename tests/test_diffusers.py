@@ -134,7 +134,8 @@ def loading_warnings(caplog, load):
 @pytest.mark.parametrize("overrides, raw", [
     (dict(preset="ddpm_paper"), False),
     (dict(preset="quick_test", image_size=16, channel_mults=(1, 2), attn_resolutions=(16,), norm_groups=8,
-          emb_dim=40, schedule_type="cosine", timesteps=50, downsample_padding="symmetric", norm_eps=1e-5), True),
+          emb_dim=40, schedule_type="cosine", timesteps=50, downsample_padding="symmetric", norm_eps=1e-5,
+          clip_x0="dynamic"), True),
 ], ids=["paper-ema", "reduced-raw"])
 def test_our_checkpoint_exported_to_diffusers_loads_without_warnings_and_computes_the_same_function(
         tmp_path, caplog, overrides, raw):
@@ -154,9 +155,11 @@ def test_our_checkpoint_exported_to_diffusers_loads_without_warnings_and_compute
     ours = td.build_diffusion(cfg)
     assert torch.allclose(theirs.alphas_cumprod, ours.alphas_cumprod.float(), atol=1e-6)
     assert theirs.config.prediction_type == "epsilon" and theirs.config.variance_type == "fixed_large"
-    # and back: the exported folder is a checkpoint of ours again, with the same weights
+    assert (theirs.config.clip_sample, theirs.config.thresholding) == (True, cfg.clip_x0 == "dynamic")
+    # and back: the exported folder is a checkpoint of ours again, with the same weights and clipping
     back, _, back_cfg = td.load_checkpoint(tmp_path / "exported", amp="off")
     assert {f: getattr(back_cfg, f) for f in td.ARCHITECTURE_FIELDS} == {f: getattr(cfg, f) for f in td.ARCHITECTURE_FIELDS}
+    assert back_cfg.clip_x0 == cfg.clip_x0
     with torch.no_grad():
         assert torch.allclose(back(x, t), want, atol=1e-6, rtol=0)
 
@@ -216,6 +219,41 @@ def test_ddim_takes_the_steps_of_diffusers_ddim_scheduler(eta, clip):
     got = diffusion.sample(model, x_T.shape, sampler="ddim", steps=50, eta=eta, noise=x_T, clip_denoised=clip,
                            timestep_spacing="trailing", generator=torch.Generator().manual_seed(5))
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def out_of_range_model(diffusion):
+    """The exact noise predictor of data beyond [-1, 1], whose x0 predictions the rules must hold in."""
+    means = torch.linspace(-1.8, 1.8, 2 * 3 * 8 * 8).reshape(2, -1)
+    exact = MixturePredictor(diffusion, means, [0.2, 0.3], [0.4, 0.6])
+    return lambda x, t: exact(x, torch.as_tensor(t).long().reshape(-1).expand(x.shape[0]))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+def test_dynamic_thresholding_takes_the_steps_of_diffusers_thresholding(sampler):
+    diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 1000))
+    model = out_of_range_model(diffusion)
+    x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+    clip = {**td.DIFFUSERS_CLIP["dynamic"]}
+    if sampler == "ddpm":
+        theirs = diffusers.DDPMScheduler(**SCHEDULE, variance_type="fixed_large", timestep_spacing="linspace", **clip)
+        theirs.set_timesteps(50)
+        ours = dict(steps=50)
+    elif sampler == "ddim":
+        theirs = diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, timestep_spacing="trailing", **clip)
+        theirs.set_timesteps(50)
+        ours = dict(steps=50, timestep_spacing="trailing")
+    else:
+        del clip["clip_sample"], clip["clip_sample_range"]  # DPM-Solver has thresholding only
+        theirs = diffusers.DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
+                                                       solver_type="midpoint", final_sigmas_type="zero", **clip)
+        theirs.set_timesteps(timesteps=td.strided_timesteps(1000, 20, "logsnr", diffusion.alphas_cumprod).flip(0).tolist())
+        ours = dict(steps=20)
+    want = diffusers_loop(theirs, model, x_T, seed=5, **({"use_clipped_model_output": True} if sampler == "ddim" else {}))
+    run = lambda clip: diffusion.sample(model, x_T.shape, sampler=sampler, noise=x_T, clip_denoised=clip,  # noqa: E731
+                                        generator=torch.Generator().manual_seed(5), **ours)
+    got = run("dynamic")
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    assert (got - run("static")).abs().max() > 0.1  # the data is out of range: the rules differ here
 
 
 @pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])

@@ -118,6 +118,56 @@ def test_dpm_solver_clips_its_data_prediction_when_asked():
     assert run(diffusion, predictor, "dpmpp2m", 10, x_T).mean() > 2.5
 
 
+def imagen_dynamic_threshold(x0, percentile=99.5):
+    """Saharia et al. 2022, sec. 2.3, written with numpy: per image, s = max(percentile of |x0|, 1),
+    then clip to [-s, s] and divide by s."""
+    out = np.empty_like(x0)
+    for i, image in enumerate(x0):
+        s = max(np.percentile(np.abs(image), percentile), 1.0)
+        out[i] = np.clip(image, -s, s) / s
+    return out
+
+
+def test_dynamic_thresholding_is_imagens_rule_per_image():
+    rng = np.random.default_rng(0)
+    x0 = np.stack([rng.uniform(-0.9, 0.9, (3, 8, 8)),  # in range: left as it is
+                   3.0 * rng.standard_normal((3, 8, 8)),  # out of range: shrunk
+                   np.concatenate([np.full(190, 0.5), np.full(2, 4.0)]).reshape(3, 8, 8)])  # 1% outliers: clipped
+    got = td.clip_xstart(torch.from_numpy(x0), "dynamic").numpy()
+    np.testing.assert_allclose(got, imagen_dynamic_threshold(x0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(got[0], x0[0])
+    assert np.abs(got).max() <= 1.0
+    assert td.clip_xstart(torch.from_numpy(x0), True).equal(torch.from_numpy(x0).clamp(-1, 1))
+    assert td.clip_xstart(torch.from_numpy(x0), False).equal(torch.from_numpy(x0))
+    with pytest.raises(ValueError):
+        td.clip_xstart(torch.from_numpy(x0), "percentile")
+
+
+def test_dynamic_thresholding_shrinks_an_amplified_noise_prediction_instead_of_saturating_it():
+    # At t = T - 1 an eps error e becomes e * sigma / alpha (about 156 on the linear schedule) in x0:
+    # static clipping turns that into +-1 almost everywhere, dynamic keeps it as noise of std
+    # 1 / z_0.9975 = 1 / 2.807 (the 99.5th percentile of |N(0, 1)|).
+    x0 = 156 * torch.randn((8, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    static, dynamic = td.clip_xstart(x0, "static"), td.clip_xstart(x0, "dynamic")
+    assert static.square().mean() > 0.99
+    assert dynamic.std().item() == pytest.approx(1 / 2.807, rel=0.03)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp2m"])
+def test_thresholding_leaves_the_samples_of_an_exact_predictor_for_in_range_data_unchanged(sampler):
+    # For data on a few points inside [-1, 1], E[x0 | x_t] is a weighted mean of the points and stays
+    # inside too, so neither rule may change the samples (DDIM recomputes eps from x0: float rounding).
+    diffusion = linear_diffusion()
+    predictor = MixturePredictor(diffusion, [[0.6] * 4, [-0.5] * 4, [0.9, -0.9, 0.2, -0.1]], [0.0] * 3, [1 / 3] * 3)
+    x_T = torch.randn((256, 1, 2, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    runs = {clip: diffusion.sample(predictor, x_T.shape, sampler=sampler, steps=20, noise=x_T, clip_denoised=clip,
+                                   generator=torch.Generator().manual_seed(8))
+            for clip in ("none", "static", "dynamic")}
+    assert runs["none"].abs().max() < 1
+    assert torch.allclose(runs["dynamic"], runs["none"], rtol=0, atol=1e-12)
+    assert torch.allclose(runs["static"], runs["none"], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("spacing", td.TIMESTEP_SPACINGS)
 def test_every_spacing_gives_k_distinct_increasing_steps_ending_at_the_last_step(spacing):
     for num_timesteps in (2, 7, 50, 1000):
