@@ -997,7 +997,8 @@ class GaussianDiffusion(nn.Module):
     def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, generator=None,
                clip_denoised=True, var_type="fixedlarge", noise=None, progress=False,
                timestep_spacing=None, classes=None, guidance_scale=1.0):
-        """Generate images (B, C, H, W), in [-1, 1] when clip_denoised. `model(x_t, t)` predicts the
+        """Generate images (B, C, H, W), in [-1, 1] unless clip_denoised is False or "none" (see
+        clip_xstart for "static", the default, and "dynamic"). `model(x_t, t)` predicts the
         noise; with `classes` ((B,) int64 labels, -1 = no class) it is called as model(x_t, t, y)
         and guided with `guidance_scale` (see guided_noise_predictor)."""
         if sampler not in SAMPLERS:
@@ -1122,7 +1123,7 @@ def clip_xstart(pred_xstart, clip):
     static:  clamp every value (Ho et al.).
     dynamic: Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s is the 99.5th percentile
              of |x_0| over each image, at least 1; clamp to [-s, s] and divide by s. At high noise an
-             eps error is multiplied by sigma_t / alpha_t (150 at t = T - 1 of the linear schedule) in
+             eps error is multiplied by sigma_t / alpha_t (157 at t = T - 1 of the linear schedule) in
              x_0; clamping turns that into values at +-1, pixel by pixel, which the next steps read as
              texture and keep; dividing by s shrinks the whole unsure prediction towards grey instead.
              Where the prediction is within [-1, 1] both are the identity.
@@ -1134,7 +1135,9 @@ def clip_xstart(pred_xstart, clip):
     if mode == "dynamic":
         magnitude = pred_xstart.abs().flatten(1)
         magnitude = magnitude.to(torch.promote_types(magnitude.dtype, torch.float32))  # quantile: no bf16
-        s = torch.quantile(magnitude, DYNAMIC_PERCENTILE, dim=1).clamp(min=1)
+        per_call = max(1, 2 ** 24 // magnitude.shape[1])  # torch.quantile takes at most 2^24 values at once
+        s = torch.cat([torch.quantile(part, DYNAMIC_PERCENTILE, dim=1) for part in magnitude.split(per_call)])
+        s = s.clamp(min=1)
         s = s.to(pred_xstart.dtype).view(-1, *([1] * (pred_xstart.dim() - 1)))
         return pred_xstart.clamp(-s, s) / s
     return pred_xstart
@@ -2658,7 +2661,8 @@ class FidDuringTraining:
         info = dict(checkpoint="(training)", step=step, sampler="dpmpp2m", steps=steps, eta=0.0,
                     classes="" if self.classes is None else "all", guidance_scale="" if self.classes is None else
                     f"{scale:g}",
-                    spacing=DEFAULT_SPACING["dpmpp2m"], clip=self.cfg.clip_x0, source="ema", precision=precision_name(ema_model.dtype))
+                    spacing=DEFAULT_SPACING["dpmpp2m"], clip=self.cfg.clip_x0, source="ema",
+                    precision=precision_name(ema_model.dtype))
         scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
                               self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
                               info, self.device)

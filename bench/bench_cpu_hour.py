@@ -7,15 +7,20 @@
 
 Trains `train_ddpm.py --preset P --max_minutes M` through the real command line (one epoch
 checkpoint per pass over the images), then for the epoch checkpoint nearest each --every minutes of
-training time samples --num_samples images (DPM-Solver++(2M), 20 steps, EMA weights) and scores
-FID@N and KID against --reference_stats, with the samples' mean saturation (real CIFAR-10: about
-33). Prints one Markdown table, writes OUT/curve.md, OUT/curve.png (FID against minutes) and
-OUT/grid.png (the first 100 samples of the last checkpoint, 10 x 10). Finished steps are cached:
-a rerun with the same settings only does what is missing.
+training time samples --num_samples images (DPM-Solver++(2M), 20 steps, EMA weights, the run's
+--clip_x0) and scores FID@N and KID against --reference_stats, with the samples' mean saturation
+(real CIFAR-10: about 33). Prints one Markdown table, writes OUT/curve.md, OUT/curve.png (FID
+against minutes) and OUT/grid.png (the first 100 samples of the last checkpoint, 10 x 10).
+Finished steps are cached: a rerun with the same settings only does what is missing.
+
+--sample_flags "A;B" scores each checkpoint sampled both ways (extra --mode sample flags, an empty
+variant meaning the run's own settings): a column group per variant, a curve each, and
+OUT/grid_<variant>.png for every variant after the first.
 """
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +76,21 @@ def score(args, out, scorer, path, name=None, sample_flags=()):
     return result
 
 
+def high_frequency_energy(images):
+    """Per image: the mean square of what a 3x3 box blur removes, on uint8 (N, H, W, 3) read as [-1, 1]."""
+    x = images.astype(np.float32) / 127.5 - 1
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = x.shape[1:3]
+    blur = sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+    return ((x - blur) ** 2).mean(axis=(1, 2, 3))
+
+
+def speckled_percent(energy, real_energy):
+    """Share of images (by their high-frequency energy) with more of it than 99% of the real ones:
+    the speckled texture tiles that young models make, counted instead of eyeballed."""
+    return 100 * float((energy > np.percentile(real_energy, 99)).mean())
+
+
 def score_real(args, out, scorer):
     """The floor of the measurement: --num_samples held-out real images scored like the samples."""
     cache = out / "scores" / f"real_{args.num_samples}_seed{args.seed}.json"
@@ -82,14 +102,26 @@ def score_real(args, out, scorer):
     return json.loads(cache.read_text())
 
 
-def write_plot(rows, path, n, floor=None):
+def variant_name(flags):
+    """The cache and file suffix of a --sample_flags variant: '' for the run's own settings."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", flags).strip("-")
+
+
+def variant_label(flags, run_clip):
+    return flags.strip() or f"the run's --clip_x0 {run_clip}"
+
+
+def write_plot(rows, variants, run_clip, path, n, floor=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], "o-", label="samples")
+    for v in variants:
+        ax.plot([r["minutes"] for r in rows], [r[v]["fid"] for r in rows], "o-",
+                label="samples" if len(variants) == 1 else variant_label(v, run_clip))
     if floor is not None:
         ax.axhline(floor, color="grey", ls="--", label=f"real images: {floor:.1f}")
+    if floor is not None or len(variants) > 1:
         ax.legend()
     ax.set_xlabel("training minutes")
     ax.set_ylabel(f"FID@{n}")
@@ -122,34 +154,66 @@ def train_and_score_arguments(doc, minutes, num_samples, out):
     return parser
 
 
+def cells(result, real_energy):
+    """A scored sample set's FID, KID, saturation and, when real images are given, speckled share."""
+    text = f"{result['fid']:.2f} | {result['kid']} | {result['saturation']:.1f}"
+    if real_energy is not None:
+        energy = result["energy"] if "energy" in result else high_frequency_energy(np.load(result["samples"])["arr_0"])
+        text += f" | {speckled_percent(energy, real_energy):.1f}"
+    return text
+
+
+def curve_table(args, scorer_name, rows, variants, run_clip, floor, real_energy):
+    """The Markdown table: a row per scored checkpoint (and the floor), a column group per variant."""
+    n = args.num_samples
+    measures = "KID x1e3 | mean saturation" + (" | speckled %" if real_energy is not None else "")
+    groups = [f"FID@{n}" + (f" ({variant_label(v, run_clip)})" if len(variants) > 1 else "") + f" | {measures}"
+              for v in variants]
+    title = (f"{args.preset}: {args.minutes:g} minutes of training on {args.data_dir}; FID@{n} and KID against "
+             f"{scorer_name}; DPM-Solver++(2M) 20 steps, EMA weights, seed {args.seed}")
+    if real_energy is not None:
+        title += "; speckled: samples with more high-frequency energy than 99% of the real images"
+    width = measures.count("|") + 2
+    lines = [title, "", f"| training minutes | step | training images | {' | '.join(groups)} |",
+             "|---|---|---|" + "---|" * width * len(variants)]
+    if floor:
+        real = cells(dict(floor, energy=real_energy), real_energy)
+        lines.append(f"| real images (held out): the floor | - | - | {real} |" + " |" * width * (len(variants) - 1))
+    for r in rows:
+        scored = " | ".join(cells(r[v], real_energy) for v in variants)
+        lines.append(f"| {r['minutes']:.1f} | {r['step']:,} | {r['images']:,} | {scored} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = train_and_score_arguments(__doc__, 60.0, 2000, "bench_cpu_hour_out")
     parser.add_argument("--every", type=float, default=10.0, help="score the checkpoint nearest every this many minutes")
-    parser.add_argument("--real_dir", help="held-out real images (e.g. the test folder): adds the floor row")
+    parser.add_argument("--real_dir", help="held-out real images (e.g. the test folder): adds the floor row and the "
+                                           "speckled share")
+    parser.add_argument("--sample_flags", default="",
+                        help='extra --mode sample flags, e.g. "--clip_x0 dynamic"; variants separated by ";" are '
+                             "scored side by side (an empty one: the run's own settings)")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.sample_flags.split(";")]
     out = Path(args.out)
     run = train(args, out)
     scorer = bq.Scorer(args, out)
     rows = []
     for path, minutes, step, batch in checkpoints_to_score(run, args.every):
-        rows.append(dict(minutes=minutes, step=step, images=step * batch, **score(args, out, scorer, path)))
-    lines = [f"{args.preset}: {args.minutes:g} minutes of training on {args.data_dir}; FID@{args.num_samples} and KID "
-             f"against {scorer.name}; DPM-Solver++(2M) 20 steps, EMA weights, seed {args.seed}", "",
-             f"| training minutes | step | training images | FID@{args.num_samples} | KID x1e3 | mean saturation |",
-             "|---|---|---|---|---|---|"]
+        scores = {v: score(args, out, scorer, path, "_".join(filter(None, (path.stem, variant_name(v)))), v.split())
+                  for v in variants}
+        rows.append(dict(path=path, minutes=minutes, step=step, images=step * batch, **scores))
+    run_clip = td.config_from_dict(td.read_checkpoint(rows[-1]["path"])["config"]).clip_x0
     floor = score_real(args, out, scorer) if args.real_dir else None
-    if floor:
-        lines.append(f"| real images (held out): the floor | - | - | {floor['fid']:.2f} | {floor['kid']} "
-                     f"| {floor['saturation']:.1f} |")
-    for r in rows:
-        lines.append(f"| {r['minutes']:.1f} | {r['step']:,} | {r['images']:,} | {r['fid']:.2f} | {r['kid']} "
-                     f"| {r['saturation']:.1f} |")
-    text = "\n".join(lines)
+    real_energy = high_frequency_energy(bq.real_images(args.real_dir, args.num_samples, args.seed)) if floor else None
+    text = curve_table(args, scorer.name, rows, variants, run_clip, floor, real_energy)
     print("\n" + text)
     (out / "curve.md").write_text(text + "\n")
-    write_plot(rows, out / "curve.png", args.num_samples, floor and floor["fid"])
-    write_grid(np.load(rows[-1]["samples"])["arr_0"], out / "grid.png")
-    print(f"\nwrote {out / 'curve.md'}, {out / 'curve.png'} and {out / 'grid.png'}")
+    write_plot(rows, variants, run_clip, out / "curve.png", args.num_samples, floor and floor["fid"])
+    grids = [out / "grid.png"] + [out / f"grid_{variant_name(v) or 'run'}.png" for v in variants[1:]]
+    for v, grid in zip(variants, grids):
+        write_grid(np.load(rows[-1][v]["samples"])["arr_0"], grid)
+    print(f"\nwrote {out / 'curve.md'}, {out / 'curve.png'} and {', '.join(map(str, grids))}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 Every configuration starts from the same seed and is scored against the same reference: the
 checkpoint's training set (statistics cached as in --mode eval), or precomputed mu/sigma given by
 --reference_stats (then KID, which needs the reference features, is not reported). --amp bf16,off
-repeats every row in each precision of the UNet. Prints one Markdown table: FID@N, KID, the samples'
+repeats every row in each precision of the UNet, --clip_x0 static,dynamic with each rule for the
+predicted x_0 (default: the checkpoint's). Prints one Markdown table: FID@N, KID, the samples'
 mean saturation (max minus min channel per pixel, 0-255; real CIFAR-10 is about 32), and the time
 spent sampling.
 """
@@ -44,12 +45,17 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", default="auto", help="comma-separated --amp values to sample with, e.g. bf16,off")
+    parser.add_argument("--clip_x0", default=None,
+                        help="comma-separated rules for the predicted x_0, e.g. static,dynamic (default: the checkpoint's)")
     args = parser.parse_args()
 
     device = td.pick_device(args.device)
     path = td.resolve_checkpoint_path(args.checkpoint)
     ckpt = td.read_checkpoint(path)
     step, cfg = ckpt["step"], td.config_from_dict(ckpt["config"])
+    clips = (args.clip_x0 or cfg.clip_x0).split(",")
+    if not set(clips) <= set(td.CLIP_MODES):
+        raise td.UserError(f"--clip_x0 takes {', '.join(td.CLIP_MODES)}, got {args.clip_x0}")
     extractor = td.build_fid_inception(args.fid_weights, device)
     if args.reference_stats:
         mu, sigma = td.load_statistics(args.reference_stats)
@@ -63,23 +69,25 @@ def main():
     rows = []
     for amp in args.amp.split(","):
         model, diffusion, _ = td.model_from_checkpoint(ckpt, device=device, amp=amp)
-        rows += score_grid(args, model, diffusion, cfg, extractor, device, mu, sigma, reference)
+        for clip in clips:
+            rows += score_grid(args, model, diffusion, cfg, extractor, device, mu, sigma, reference, clip)
 
     print(f"\n{path} (step {step:,}, T={cfg.timesteps}), N={args.num_samples:,} samples per row, "
           f"reference {reference_name}, device {device}\n")
-    print(f"| sampler | steps | precision | FID@{args.num_samples} | KID x1e3 | mean saturation | sampling s | images/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for sampler, steps, precision, fid, kid, saturation, seconds in rows:
-        print(f"| {sampler} | {steps} | {precision} | {fid:.2f} | {kid} | {saturation:.1f} | {seconds:.1f} | "
+    print(f"| sampler | steps | precision | clip x0 | FID@{args.num_samples} | KID x1e3 | mean saturation | sampling s "
+          f"| images/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sampler, steps, precision, clip, fid, kid, saturation, seconds in rows:
+        print(f"| {sampler} | {steps} | {precision} | {clip} | {fid:.2f} | {kid} | {saturation:.1f} | {seconds:.1f} | "
               f"{args.num_samples / seconds:.1f} |")
 
 
-def score_grid(args, model, diffusion, cfg, extractor, device, mu, sigma, reference):
+def score_grid(args, model, diffusion, cfg, extractor, device, mu, sigma, reference, clip):
     rows = []
     for sampler, steps in parse_grid(args.grid, cfg.timesteps):
         start = time.perf_counter()
         samples = td.generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size, sampler, steps,
-                                      0.0, "fixedlarge", args.seed)
+                                      0.0, "fixedlarge", args.seed, clip_denoised=clip)
         seconds = time.perf_counter() - start
         activations = td.compute_activations(samples, extractor, device=device)
         fid = td.frechet_distance(*td.activation_statistics(activations), mu, sigma)
@@ -88,7 +96,7 @@ def score_grid(args, model, diffusion, cfg, extractor, device, mu, sigma, refere
             kid_mean, kid_std = td.kernel_inception_distance(activations, reference.features)
             kid = f"{kid_mean * 1e3:.2f} +- {kid_std * 1e3:.2f}"
         saturation = (samples.max(axis=-1).astype(float) - samples.min(axis=-1)).mean()
-        rows.append((sampler, steps, td.precision_name(model.dtype), fid, kid, saturation, seconds))
+        rows.append((sampler, steps, td.precision_name(model.dtype), clip, fid, kid, saturation, seconds))
     return rows
 
 

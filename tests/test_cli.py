@@ -729,24 +729,34 @@ def test_var_type_fixedsmall_changes_ddpm_samples(trained, tmp_path):
     assert not np.array_equal(large, small)
 
 
-def test_seed_aliases_and_boolean_flags_reach_the_saved_config_and_the_model(cifar_dir, tmp_path):
+def test_seed_aliases_and_boolean_flags_reach_the_saved_config_the_model_and_its_samples(cifar_dir, tmp_path):
     i = TINY.index("--base_channels")
     assert_ok(run_cli(*TINY[:i], *TINY[i + 2:], "--hidden_dim", "16",
                       "--time_emb_dim", "24", "--use_attention", "False", "--no_flip", "--epochs", "1",
                       # the spellings of other trainers, shown in --help
                       "--lr", "0.002", "--save_freq", "3", "--log_interval", "5", "--workers", "2",
-                      "--early_stopping_patience", "4", "--data_dir", cifar_dir, cwd=tmp_path))
+                      "--early_stopping_patience", "4", "--clip_x0", "dynamic", "--data_dir", cifar_dir, cwd=tmp_path))
     run_dir = tmp_path / "checkpoints" / RUN
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["base_channels"], saved["emb_dim"], saved["use_attention"], saved["flip"]) == (16, 24, False, False)
-    assert [saved[k] for k in ("learning_rate", "save_every", "log_every", "num_workers", "patience")] == [
-        0.002, 3, 5, 2, 4]
+    assert [saved[k] for k in ("learning_rate", "save_every", "log_every", "num_workers", "patience", "clip_x0")] == [
+        0.002, 3, 5, 2, 4, "dynamic"]
     assert read_loss_log(run_dir / "loss_log.csv")[0]["step"] == "5"
     usage = run_cli("--help", cwd=tmp_path).stdout
     assert all(f"--{a}" in usage for a in ("lr", "save_freq", "log_interval", "workers", "early_stopping_patience"))
     weights = load_ckpt(run_dir / "latest.pt")["model"]
     assert not any(".attn." in k for k in weights), "no attention block when --use_attention False"
     assert weights["time_mlp.0.weight"].shape == (24, 16)
+    # the run's --clip_x0 is how its samples are made unless the sample command says otherwise
+    import train_ddpm
+    model, diffusion, cfg = train_ddpm.load_checkpoint(run_dir / "latest.pt")
+    for flags, clip, name in (((), "dynamic", "samples_ddim5_eta0_clipdynamic_seed3.npz"),
+                              (("--clip_x0", "static"), "static", "samples_ddim5_eta0_seed3.npz")):
+        assert_ok(run_cli("--mode", "sample", "--checkpoint", run_dir, "--sampler", "ddim", "--sampling_steps", "5",
+                          "--num_samples", "4", "--seed", "3", "--out", "s", *flags, cwd=tmp_path))
+        expected = train_ddpm.generate_samples(model, diffusion, cfg, 4, 128, "ddim", 5, 0.0, "fixedlarge", seed=3,
+                                               clip_denoised=clip)
+        assert np.array_equal(np.load(tmp_path / "s" / name)["arr_0"], expected), clip
 
 
 def test_importing_the_script_has_no_side_effects(tmp_path):
