@@ -153,10 +153,11 @@ class Config:
     sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)")
     num_preview: int = _field(10, "images in each preview grid")
     preview_steps: int = _field(50, "DDIM steps used for previews")
-    clip_x0: str = _field("static", "how the samplers hold each step's predicted x_0 in [-1, 1], in previews, FID "
-                                    "during training and (unless given again) --mode sample and eval: static clamps "
+    clip_x0: str = _field("static", "how the samplers hold each step's predicted x_0 in [-1, 1]: static clamps "
                                     "every value (Ho et al.), dynamic divides by the image's 99.5th percentile of "
-                                    "|x_0| when above 1 (Imagen's dynamic thresholding), none leaves it",
+                                    "|x_0| when above 1 (Imagen's dynamic thresholding), none leaves it. A run's "
+                                    "previews and FID use it; --mode sample and eval use the checkpoint's unless "
+                                    "given (samples named _clip<rule> unless static)",
                           choices=("static", "dynamic", "none"))
     save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)",
                             aliases=("save_freq",))
@@ -1106,7 +1107,7 @@ DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
 
 
 CLIP_MODES = CONFIG_FIELDS["clip_x0"].metadata["choices"]
-DYNAMIC_PERCENTILE = 0.995  # Imagen's and DPM-Solver++'s choice
+DYNAMIC_PERCENTILE = 0.995  # DPM-Solver++'s and diffusers' choice (Imagen leaves it open)
 
 
 def clip_mode(clip):
@@ -1121,8 +1122,8 @@ def clip_xstart(pred_xstart, clip):
     """The predicted x_0, held to the data's range [-1, 1] before a sampler uses it.
 
     static:  clamp every value (Ho et al.).
-    dynamic: Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s is the 99.5th percentile
-             of |x_0| over each image, at least 1; clamp to [-s, s] and divide by s. At high noise an
+    dynamic: Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s is a high percentile
+             of |x_0| over each image (the 99.5th), at least 1; clamp to [-s, s] and divide by s. At high noise an
              eps error is multiplied by sigma_t / alpha_t (157 at t = T - 1 of the linear schedule) in
              x_0; clamping turns that into values at +-1, pixel by pixel, which the next steps read as
              texture and keep; dividing by s shrinks the whole unsure prediction towards grey instead.
@@ -1825,7 +1826,7 @@ def config_from_diffusers(unet, scheduler, where):
                   downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
                   timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
                   beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
-                  clip_x0=clip_from_diffusers(scheduler), run_name=Path(where).resolve().name)
+                  clip_x0=clip_from_diffusers(scheduler, refuse), run_name=Path(where).resolve().name)
 
 
 def diffusers_unet_folder(path):
@@ -1905,7 +1906,8 @@ def diffusers_configs(cfg):
 
 
 # How diffusers' schedulers say each --clip_x0. Their dynamic thresholding caps s at sample_max_value;
-# Imagen's rule has no cap, so the export sets one that no prediction reaches.
+# Imagen's rule has no cap, so the export sets one that no prediction reaches (x_0 at t = T - 1 is
+# about 157 times the eps error: hundreds, not millions).
 DIFFUSERS_CLIP = {
     "static": dict(clip_sample=True, clip_sample_range=1.0, thresholding=False),
     "dynamic": dict(clip_sample=True, clip_sample_range=1.0, thresholding=True,
@@ -1914,17 +1916,22 @@ DIFFUSERS_CLIP = {
 }
 
 
-def clip_from_diffusers(scheduler):
-    """The --clip_x0 of a diffusers scheduler config (which clips by default)."""
-    if scheduler.get("thresholding") and scheduler.get("sample_max_value", 1.0) > 1:
-        ratio = scheduler.get("dynamic_thresholding_ratio", 0.995)
-        if ratio != DYNAMIC_PERCENTILE:
-            raise UserError(f"cannot load a diffusers scheduler with dynamic_thresholding_ratio {ratio}: "
-                            f"only {DYNAMIC_PERCENTILE} (Imagen's) is supported")
-        return "dynamic"
-    if scheduler.get("thresholding") or scheduler.get("clip_sample", True):
-        return "static"  # thresholding capped at 1 is clipping
-    return "none"
+def clip_from_diffusers(scheduler, refuse):
+    """The --clip_x0 of a diffusers scheduler config (which clips by default); refuse(key, value, need)
+    for a rule ours cannot reproduce."""
+    if scheduler.get("clip_sample", True) and scheduler.get("clip_sample_range", 1.0) != 1.0:
+        refuse("clip_sample_range", scheduler["clip_sample_range"], "clipping to [-1, 1] only")
+    if not scheduler.get("thresholding"):
+        return "static" if scheduler.get("clip_sample", True) else "none"
+    cap = scheduler.get("sample_max_value", 1.0)
+    if cap <= 1:
+        return "static"  # s held at 1: thresholding is clipping
+    if cap < DIFFUSERS_CLIP["dynamic"]["sample_max_value"]:
+        refuse("sample_max_value", cap, f"1 (clipping) or at least {DIFFUSERS_CLIP['dynamic']['sample_max_value']:g} "
+                                        f"(dynamic thresholding without a cap)")
+    if scheduler.get("dynamic_thresholding_ratio", 0.995) != DYNAMIC_PERCENTILE:
+        refuse("dynamic_thresholding_ratio", scheduler["dynamic_thresholding_ratio"], f"only {DYNAMIC_PERCENTILE}")
+    return "dynamic"
 
 
 def export_diffusers(ckpt, folder, use_ema=True):

@@ -76,19 +76,22 @@ def score(args, out, scorer, path, name=None, sample_flags=()):
     return result
 
 
-def high_frequency_energy(images):
-    """Per image: the mean square of what a 3x3 box blur removes, on uint8 (N, H, W, 3) read as [-1, 1]."""
+def high_frequency_share(images):
+    """Per image: the mean square of what a 3x3 box blur removes, over the image's variance, on uint8
+    (N, H, W, 3) read as [-1, 1]. Relative to the image's own contrast, so that a rule that only
+    lowers contrast (as dynamic thresholding also does) does not count as less texture."""
     x = images.astype(np.float32) / 127.5 - 1
     padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
     h, w = x.shape[1:3]
     blur = sum(padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
-    return ((x - blur) ** 2).mean(axis=(1, 2, 3))
+    variance = x.reshape(len(x), -1).var(axis=1)
+    return ((x - blur) ** 2).mean(axis=(1, 2, 3)) / np.maximum(variance, 1e-6)
 
 
-def speckled_percent(energy, real_energy):
-    """Share of images (by their high-frequency energy) with more of it than 99% of the real ones:
-    the speckled texture tiles that young models make, counted instead of eyeballed."""
-    return 100 * float((energy > np.percentile(real_energy, 99)).mean())
+def speckled_percent(share, real_share):
+    """Share of images with more high-frequency texture (high_frequency_share) than 99% of the real
+    ones: the speckled tiles that young models make, counted instead of eyeballed."""
+    return 100 * float((share > np.percentile(real_share, 99)).mean())
 
 
 def score_real(args, out, scorer):
@@ -154,33 +157,34 @@ def train_and_score_arguments(doc, minutes, num_samples, out):
     return parser
 
 
-def cells(result, real_energy):
+def cells(result, real_share):
     """A scored sample set's FID, KID, saturation and, when real images are given, speckled share."""
     text = f"{result['fid']:.2f} | {result['kid']} | {result['saturation']:.1f}"
-    if real_energy is not None:
-        energy = result["energy"] if "energy" in result else high_frequency_energy(np.load(result["samples"])["arr_0"])
-        text += f" | {speckled_percent(energy, real_energy):.1f}"
+    if real_share is not None:
+        share = result["share"] if "share" in result else high_frequency_share(np.load(result["samples"])["arr_0"])
+        text += f" | {speckled_percent(share, real_share):.1f}"
     return text
 
 
-def curve_table(args, scorer_name, rows, variants, run_clip, floor, real_energy):
+def curve_table(args, scorer_name, rows, variants, run_clip, floor, real_share):
     """The Markdown table: a row per scored checkpoint (and the floor), a column group per variant."""
     n = args.num_samples
-    measures = "KID x1e3 | mean saturation" + (" | speckled %" if real_energy is not None else "")
+    measures = "KID x1e3 | mean saturation" + (" | speckled %" if real_share is not None else "")
     groups = [f"FID@{n}" + (f" ({variant_label(v, run_clip)})" if len(variants) > 1 else "") + f" | {measures}"
               for v in variants]
     title = (f"{args.preset}: {args.minutes:g} minutes of training on {args.data_dir}; FID@{n} and KID against "
              f"{scorer_name}; DPM-Solver++(2M) 20 steps, EMA weights, seed {args.seed}")
-    if real_energy is not None:
-        title += "; speckled: samples with more high-frequency energy than 99% of the real images"
+    if real_share is not None:
+        title += ("; speckled: samples with more high-frequency texture (relative to their contrast) than 99% of "
+                  "the real images")
     width = measures.count("|") + 2
     lines = [title, "", f"| training minutes | step | training images | {' | '.join(groups)} |",
              "|---|---|---|" + "---|" * width * len(variants)]
     if floor:
-        real = cells(dict(floor, energy=real_energy), real_energy)
+        real = cells(dict(floor, share=real_share), real_share)
         lines.append(f"| real images (held out): the floor | - | - | {real} |" + " |" * width * (len(variants) - 1))
     for r in rows:
-        scored = " | ".join(cells(r[v], real_energy) for v in variants)
+        scored = " | ".join(cells(r[v], real_share) for v in variants)
         lines.append(f"| {r['minutes']:.1f} | {r['step']:,} | {r['images']:,} | {scored} |")
     return "\n".join(lines)
 
@@ -205,8 +209,8 @@ def main():
         rows.append(dict(path=path, minutes=minutes, step=step, images=step * batch, **scores))
     run_clip = td.config_from_dict(td.read_checkpoint(rows[-1]["path"])["config"]).clip_x0
     floor = score_real(args, out, scorer) if args.real_dir else None
-    real_energy = high_frequency_energy(bq.real_images(args.real_dir, args.num_samples, args.seed)) if floor else None
-    text = curve_table(args, scorer.name, rows, variants, run_clip, floor, real_energy)
+    real_share = high_frequency_share(bq.real_images(args.real_dir, args.num_samples, args.seed)) if floor else None
+    text = curve_table(args, scorer.name, rows, variants, run_clip, floor, real_share)
     print("\n" + text)
     (out / "curve.md").write_text(text + "\n")
     write_plot(rows, variants, run_clip, out / "curve.png", args.num_samples, floor and floor["fid"])

@@ -329,12 +329,13 @@ def test_fine_tune_a_diffusers_folder_then_sample_export_and_load_it_back(tmp_pa
 @pytest.mark.parametrize("where, key, value", [
     ("scheduler", "variance_type", "learned_range"),
     ("scheduler", "beta_schedule", "scaled_linear"),
+    ("scheduler", "sample_max_value", 1.5),  # with thresholding: capped dynamic thresholding
     ("unet", "down_block_types", ["CrossAttnDownBlock2D", "DownBlock2D"]),
     ("unet", "attention_head_dim", 8),
     ("unet", "flip_sin_to_cos", True),
 ], ids=lambda v: str(v) if not isinstance(v, list) else "blocks")
 def test_a_diffusers_config_we_cannot_reproduce_is_refused_naming_the_key(where, key, value):
-    unet, scheduler = dict(REDUCED_UNET), dict(REDUCED_SCHEDULER)
+    unet, scheduler = dict(REDUCED_UNET), dict(REDUCED_SCHEDULER, thresholding=True)
     {"unet": unet, "scheduler": scheduler}[where][key] = value
     with pytest.raises(td.UserError, match=key):
         td.config_from_diffusers(unet, scheduler, "pipe")

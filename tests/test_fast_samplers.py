@@ -132,10 +132,12 @@ def test_dynamic_thresholding_is_imagens_rule_per_image():
     rng = np.random.default_rng(0)
     x0 = np.stack([rng.uniform(-0.9, 0.9, (3, 8, 8)),  # in range: left as it is
                    3.0 * rng.standard_normal((3, 8, 8)),  # out of range: shrunk
-                   np.concatenate([np.full(190, 0.5), np.full(2, 4.0)]).reshape(3, 8, 8)])  # 1% outliers: clipped
+                   np.concatenate([np.full(191, 1.5), [10.0]]).reshape(3, 8, 8)])  # one outlier: clamped to s
     got = td.clip_xstart(torch.from_numpy(x0), "dynamic").numpy()
     np.testing.assert_allclose(got, imagen_dynamic_threshold(x0), rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(got[0], x0[0])
+    s = 1.5 + (0.995 * 191 - 190) * (10.0 - 1.5)  # the 99.5th percentile, interpolated between the top two
+    np.testing.assert_allclose(got[2].ravel(), np.r_[np.full(191, 1.5 / s), 1.0], rtol=1e-12)
     assert np.abs(got).max() <= 1.0
     assert td.clip_xstart(torch.from_numpy(x0), True).equal(torch.from_numpy(x0).clamp(-1, 1))
     assert td.clip_xstart(torch.from_numpy(x0), False).equal(torch.from_numpy(x0))
