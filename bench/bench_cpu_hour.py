@@ -13,7 +13,7 @@ training time samples --num_samples images (DPM-Solver++(2M), 20 steps, EMA weig
 against minutes) and OUT/grid.png (the first 100 samples of the last checkpoint, 10 x 10).
 Finished steps are cached: a rerun with the same settings only does what is missing.
 
---sample_flags "A;B" scores each checkpoint sampled both ways (extra --mode sample flags, an empty
+--sample_flags "A;B" scores each checkpoint sampled each way (extra --mode sample flags, an empty
 variant meaning the run's own settings): a column group per variant, a curve each, and
 OUT/grid_<variant>.png for every variant after the first.
 """
