@@ -173,7 +173,7 @@ def curve_table(args, scorer_name, rows, variants, run_clip, floor, real_share):
     groups = [f"FID@{n}" + (f" ({variant_label(v, run_clip)})" if len(variants) > 1 else "") + f" | {measures}"
               for v in variants]
     title = (f"{args.preset}: {args.minutes:g} minutes of training on {args.data_dir}; FID@{n} and KID against "
-             f"{scorer_name}; DPM-Solver++(2M) 20 steps, EMA weights, seed {args.seed}")
+             f"{scorer_name}; DPM-Solver++(2M) 20 steps unless a variant says otherwise, EMA weights, seed {args.seed}")
     if real_share is not None:
         title += ("; speckled: samples with more high-frequency texture (relative to their contrast) than 99% of "
                   "the real images")
