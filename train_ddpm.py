@@ -1123,10 +1123,11 @@ def clip_xstart(pred_xstart, clip):
 
     static:  clamp every value (Ho et al.).
     dynamic: Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3): s is a high percentile
-             of |x_0| over each image (the 99.5th), at least 1; clamp to [-s, s] and divide by s. At high noise an
-             eps error is multiplied by sigma_t / alpha_t (157 at t = T - 1 of the linear schedule) in
-             x_0; clamping turns that into values at +-1, pixel by pixel, which the next steps read as
-             texture and keep; dividing by s shrinks the whole unsure prediction towards grey instead.
+             of |x_0| over each image (the 99.5th), at least 1; clamp to [-s, s] and divide by s.
+             At high noise an eps error is multiplied by sigma_t / alpha_t (157 at t = T - 1 of the
+             linear schedule) in x_0; clamping turns that into values at +-1, pixel by pixel, which
+             the next steps read as texture and keep; dividing by s shrinks the whole unsure
+             prediction towards grey instead.
              Where the prediction is within [-1, 1] both are the identity.
     none:    as predicted.
     """
