@@ -916,14 +916,22 @@ class GaussianDiffusion(nn.Module):
     is the least noisy latent. Buffers are float64 and cast to the data's dtype when used.
     """
 
-    def __init__(self, betas):
+    def __init__(self, betas, device=None):
+        """betas: the schedule's host table (a CPU tensor, array or list); every derived table is
+        computed from it on the host in float64, then made on `device` (default: where betas are),
+        so no table is ever built from a CPU and a CUDA part."""
         super().__init__()
-        betas = torch.as_tensor(betas, dtype=torch.float64)
-        assert betas.dim() == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be in (0, 1]"
+        if device is None:
+            device = betas.device if isinstance(betas, torch.Tensor) else "cpu"
+        if isinstance(betas, torch.Tensor):
+            betas = betas.detach().cpu()
+        betas = np.asarray(betas, dtype=np.float64)
+        assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be in (0, 1]"
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
+        self.alphas_cumprod_host = alphas_cumprod  # numpy float64 [T]: what samplers read on the host
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # The posterior variance is 0 at t = 0; like Ho et al., log it with the value at t = 1 there.
         first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
@@ -932,20 +940,20 @@ class GaussianDiffusion(nn.Module):
             alphas_cumprod=alphas_cumprod,
             alphas_cumprod_prev=alphas_cumprod_prev,
             # q(x_t | x_0)
-            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
-            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
-            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
-            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1).sqrt(),
+            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1),
             # posterior q(x_{t-1} | x_t, x_0)
             posterior_variance=posterior_variance,
-            posterior_log_variance_clipped=torch.cat([first, posterior_variance[1:]]).log(),
-            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+            posterior_log_variance_clipped=np.log(np.concatenate([first, posterior_variance[1:]])),
+            posterior_mean_coef1=betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
             # reverse-process variance sigma_t^2 = beta_t ("fixedlarge", the paper's CIFAR-10 choice)
-            log_betas_fixedlarge=torch.cat([first, betas[1:]]).log(),
+            log_betas_fixedlarge=np.log(np.concatenate([first, betas[1:]])),
         )
         for name, value in buffers.items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, torch.from_numpy(value).to(device))
 
     def q_sample(self, x_start, t, noise):
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. eq. 4)."""
@@ -991,9 +999,9 @@ class GaussianDiffusion(nn.Module):
         so that it has the same marginals q(x_t | x_0) there (improved-diffusion's respacing)."""
         if len(timesteps) == self.num_timesteps:
             return self
-        alphas_cumprod = self.alphas_cumprod[timesteps.to(self.alphas_cumprod.device)]
-        prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-        return GaussianDiffusion(1.0 - alphas_cumprod / prev).to(self.betas.device)
+        alphas_cumprod = self.alphas_cumprod_host[np.asarray(timesteps, dtype=np.int64)]  # host table
+        prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
+        return GaussianDiffusion(1.0 - alphas_cumprod / prev, device=self.betas.device)
 
     def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, generator=None,
                clip_denoised=True, var_type="fixedlarge", noise=None, progress=False,

@@ -1,0 +1,51 @@
+"""CUDA device placement without a GPU: PyTorch's FakeTensorMode makes tensors on a fake `cuda`
+device and raises FakeTensorDeviceMismatchError wherever a CPU tensor meets a CUDA one, so the
+code paths that run on a GPU can be checked for CPU/CUDA mixing on any machine."""
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import train_ddpm as td
+
+
+@pytest.fixture
+def fake_cuda():
+    with FakeTensorMode():
+        yield torch.device("cuda")
+
+
+def test_the_fake_device_catches_a_cpu_tensor_meeting_a_cuda_one(fake_cuda):
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+    with pytest.raises(FakeTensorDeviceMismatchError):
+        torch.cat([torch.ones(1), torch.ones(3, device=fake_cuda)])
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_a_schedule_built_on_cuda_and_its_respaced_chain_stay_on_cuda(kind):
+    # the host tables, made on the CPU (real tensors must not enter the fake mode)
+    betas = td.make_beta_schedule(kind, 100, 1e-3, 0.2).numpy()
+    timesteps = td.strided_timesteps(100, 10).tolist()
+    on_cpu = td.GaussianDiffusion(betas)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # real CPU buffers become fake CPU tensors in .to()
+        for diffusion in (td.GaussianDiffusion(betas, device="cuda"), on_cpu.to("cuda")):
+            # --sampler ddpm --sampling_steps 10 builds this chain from the CUDA schedule
+            chain = diffusion.respace(timesteps)
+            assert chain.num_timesteps == 10
+            for name, buffer in chain.named_buffers():
+                assert buffer.device.type == "cuda", name
+            x = torch.randn(4, 3, 8, 8, device="cuda")
+            t = torch.full((4,), 9, device="cuda", dtype=torch.long)
+            mean, log_variance = chain.p_mean_variance(torch.randn_like(x), x, t, "static", "fixedsmall")
+            assert mean.device.type == "cuda" and log_variance.device.type == "cuda"
+            loss = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, t)
+            assert loss.device.type == "cuda"
+
+
+def test_the_respaced_chain_keeps_the_strided_alpha_bars_exactly():
+    diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 100, 1e-3, 0.2))
+    timesteps = td.strided_timesteps(100, 10)
+    chain = diffusion.respace(timesteps)
+    np.testing.assert_allclose(chain.alphas_cumprod.numpy(), diffusion.alphas_cumprod[timesteps].numpy(),
+                               rtol=1e-12)
