@@ -904,6 +904,13 @@ def make_beta_schedule(kind, timesteps, beta_start=1e-4, beta_end=0.02, cosine_s
     raise ValueError(f"unknown beta schedule {kind!r}; choose from linear, cosine")
 
 
+def _host_table(values):
+    """A schedule table (CPU tensor, array or list) as a numpy float64 array on the host."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    return np.asarray(values, dtype=np.float64)
+
+
 def _extract(buffer, t, x):
     """buffer[t] cast to x's dtype and shaped (B, 1, 1, 1) to broadcast against x."""
     return buffer[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
@@ -923,9 +930,7 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         if device is None:
             device = betas.device if isinstance(betas, torch.Tensor) else "cpu"
-        if isinstance(betas, torch.Tensor):
-            betas = betas.detach().cpu()
-        betas = np.asarray(betas, dtype=np.float64)
+        betas = _host_table(betas)
         assert betas.ndim == 1 and (betas > 0).all() and (betas <= 1).all(), "betas must be in (0, 1]"
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
@@ -1052,8 +1057,9 @@ def guided_noise_predictor(model, classes, scale):
 TIMESTEP_SPACINGS = ("uniform", "quadratic", "trailing", "logsnr")
 
 
-def strided_timesteps(num_timesteps, steps, spacing="uniform", alphas_cumprod=None):
-    """`steps` distinct timesteps of [0, T - 1] as int64, increasing, always ending at T - 1.
+def timestep_grid(num_timesteps, steps, spacing="uniform", alphas_cumprod=None):
+    """`steps` distinct timesteps of [0, T - 1] as Python ints, increasing, always ending at T - 1.
+    Computed on the host in float64 (the samplers read them without touching the device).
 
     uniform:   evenly spread, both ends included.
     quadratic: t = (T - 1) (i / (K - 1))^2, denser near the data where fine detail forms
@@ -1071,20 +1077,26 @@ def strided_timesteps(num_timesteps, steps, spacing="uniform", alphas_cumprod=No
         raise ValueError("logsnr spacing needs the schedule's alphas_cumprod")
     last = num_timesteps - 1
     if steps == 1:
-        return torch.tensor([last])
-    fraction = torch.linspace(0, 1, steps, dtype=torch.float64)
+        return [last]
+    fraction = np.linspace(0, 1, steps)
     if spacing == "trailing":
-        return (last - torch.arange(steps - 1, -1, -1, dtype=torch.float64) * num_timesteps / steps).round().long()
+        return np.round(last - np.arange(steps - 1, -1, -1) * num_timesteps / steps).astype(np.int64).tolist()
     if spacing == "uniform":
         points = fraction * last
     elif spacing == "quadratic":
         points = fraction ** 2 * last
     else:
-        log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log().cpu()  # decreasing in t
+        alphas_cumprod = _host_table(alphas_cumprod)
+        log_snr = np.log(alphas_cumprod / (1 - alphas_cumprod))  # decreasing in t
         lowest = log_snr[_logsnr_grid_end(log_snr, steps)]
         targets = log_snr[0] + fraction * (lowest - log_snr[0])
-        points = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).double()  # nearest step
-    return _distinct_increasing(points.round().long().tolist(), last)
+        points = np.abs(log_snr[None, :] - targets[:, None]).argmin(axis=1)  # nearest step
+    return _distinct_increasing(np.round(points).astype(np.int64).tolist(), last)
+
+
+def strided_timesteps(num_timesteps, steps, spacing="uniform", alphas_cumprod=None):
+    """timestep_grid as a CPU int64 tensor, to index the schedule's tables with."""
+    return torch.tensor(timestep_grid(num_timesteps, steps, spacing, alphas_cumprod), dtype=torch.long)
 
 
 def _logsnr_grid_end(log_snr, steps):
@@ -1108,7 +1120,7 @@ def _distinct_increasing(timesteps, last):
     timesteps[-1] = last
     for i in range(len(timesteps) - 2, -1, -1):
         timesteps[i] = min(timesteps[i], timesteps[i + 1] - 1)
-    return torch.tensor(timesteps)
+    return timesteps
 
 
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
@@ -1168,13 +1180,13 @@ def ddpm_sample(model, diffusion, shape, *, steps=None, generator=None, clip_den
                 var_type="fixedlarge", noise=None, progress=False, spacing="uniform"):
     """Ancestral sampling, Ho et al. 2020 Algorithm 2; with steps < T, on the respaced chain."""
     device = diffusion.betas.device
-    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
-                                  diffusion.alphas_cumprod)
+    timesteps = timestep_grid(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
+                              diffusion.alphas_cumprod_host)
     chain = diffusion.respace(timesteps)
     x = _initial_noise(shape, noise, generator, device)
     for i in _progress(reversed(range(len(timesteps))), progress, "ddpm sampling"):
         t_chain = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        t_model = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+        t_model = torch.full((shape[0],), timesteps[i], device=device, dtype=torch.long)
         mean, log_variance = chain.p_mean_variance(model(x, t_model), x, t_chain, clip_denoised, var_type)
         if i > 0:
             x = mean + (0.5 * log_variance).exp() * torch.randn(shape, generator=generator, device=device)
@@ -1189,13 +1201,12 @@ def ddim_sample(model, diffusion, shape, *, steps=None, eta=0.0, generator=None,
     """DDIM, Song et al. 2021 eq. 12, over strided timesteps; eta = 0 is deterministic and
     eta = 1 matches the DDPM posterior variance."""
     device = diffusion.betas.device
-    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
-                                  diffusion.alphas_cumprod)
-    # Read the coefficients once on the host so the loop does not sync with the GPU.
-    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(device)].cpu().tolist()
+    timesteps = timestep_grid(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
+                              diffusion.alphas_cumprod_host)
+    alphas_cumprod = diffusion.alphas_cumprod_host[timesteps].tolist()  # host floats: the loop never syncs
     x = _initial_noise(shape, noise, generator, device)
     for i in _progress(reversed(range(len(timesteps))), progress, "ddim sampling"):
-        t_cur = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+        t_cur = torch.full((shape[0],), timesteps[i], device=device, dtype=torch.long)
         abar, abar_next = alphas_cumprod[i], (alphas_cumprod[i - 1] if i > 0 else 1.0)
         eps = model(x, t_cur)
         pred_xstart = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
@@ -1222,13 +1233,13 @@ def dpmpp2m_sample(model, diffusion, shape, *, steps=None, generator=None, clip_
     t = 0 spans most of the lambda range and the multistep extrapolation loses its accuracy.
     """
     device = diffusion.betas.device
-    timesteps = strided_timesteps(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
-                                  diffusion.alphas_cumprod)
-    alphas_cumprod = diffusion.alphas_cumprod[timesteps.to(device)].cpu().tolist()  # host floats: no syncs
+    timesteps = timestep_grid(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
+                              diffusion.alphas_cumprod_host)
+    alphas_cumprod = diffusion.alphas_cumprod_host[timesteps].tolist()  # host floats: the loop never syncs
     x = _initial_noise(shape, noise, generator, device)
     pred_prev, h_prev = None, None
     for i in _progress(reversed(range(len(timesteps))), progress, "dpm-solver++ sampling"):
-        t_cur = torch.full((shape[0],), int(timesteps[i]), device=device, dtype=torch.long)
+        t_cur = torch.full((shape[0],), timesteps[i], device=device, dtype=torch.long)
         alpha_t, sigma_t = math.sqrt(alphas_cumprod[i]), math.sqrt(1 - alphas_cumprod[i])
         pred_xstart = clip_xstart((x - sigma_t * model(x, t_cur)) / alpha_t, clip_denoised)
         if i == 0:

@@ -210,6 +210,7 @@ def test_every_sampler_with_every_spacing_reproduces_gaussian_data(sampler, spac
 def unclipped_logsnr_timesteps(alphas_cumprod, steps):
     """The logsnr rule without a clip, written out: points evenly spread in lambda from t = 0 to
     t = T - 1, each rounded to the nearest step, pushed apart, the last at T - 1."""
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     log_snr = (alphas_cumprod / (1 - alphas_cumprod)).log()
     targets = log_snr[0] + torch.linspace(0, 1, steps, dtype=torch.float64) * (log_snr[-1] - log_snr[0])
     ts = (log_snr[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
@@ -224,14 +225,14 @@ def unclipped_logsnr_timesteps(alphas_cumprod, steps):
 
 def with_unclipped_logsnr(monkeypatch):
     """Make the samplers' logsnr spacing the unclipped rule (the other spacings as they are)."""
-    strided = td.strided_timesteps
+    grid = td.timestep_grid
 
     def unclipped(num_timesteps, steps, spacing="uniform", alphas_cumprod=None):
         if spacing != "logsnr":
-            return strided(num_timesteps, steps, spacing, alphas_cumprod)
-        return torch.tensor(unclipped_logsnr_timesteps(alphas_cumprod, steps))
+            return grid(num_timesteps, steps, spacing, alphas_cumprod)
+        return unclipped_logsnr_timesteps(alphas_cumprod, steps)
 
-    monkeypatch.setattr(td, "strided_timesteps", unclipped)
+    monkeypatch.setattr(td, "timestep_grid", unclipped)
 
 
 @pytest.mark.parametrize("num_timesteps", [100, 1000])
