@@ -2392,8 +2392,9 @@ def build_optimizer(model, cfg):
     if cfg.fused_adamw:
         try:
             return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device in this torch
-            pass
+        except (RuntimeError, TypeError, ValueError) as e:  # no fused kernel for this device in this torch
+            print(f"note: no fused AdamW here ({str(e).splitlines()[0][:120]}); the unfused one reads the "
+                  f"non-finite check back from the device every step")
     return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
@@ -2408,14 +2409,18 @@ def step_noise(diffusion, global_shape, shard, generator, seed, step):
     return t[shard], noise[shard]
 
 
-def drop_labels(y, p, seed, step, batch_size, shard=slice(None)):
+def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None):
     """Replace each label by -1 ("no class") with probability p (classifier-free guidance's label
     dropout). The draw is made for the whole global batch from (seed, step) alone and then sharded,
-    so a resumed run drops what an uninterrupted one would, and any number of processes drop alike."""
+    so a resumed run drops what an uninterrupted one would, and any number of processes drop alike.
+    It is drawn on the labels' device (with `generator`, one of that device), so the step never
+    waits for a copy from the host."""
     if y is None or p == 0:
         return y
-    drop = torch.rand(batch_size, generator=torch.Generator().manual_seed(derived_seed(seed, step, LABEL_DROP))) < p
-    return torch.where(drop[shard].to(y.device), -1, y)
+    generator = generator or torch.Generator(y.device)
+    generator.manual_seed(derived_seed(seed, step, LABEL_DROP))
+    drop = torch.rand(batch_size, generator=generator, device=generator.device) < p
+    return torch.where(drop[shard], -1, y)
 
 
 def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes(),
@@ -2515,6 +2520,17 @@ def with_kernel_of(optimizer, saved):
     return {**saved, "param_groups": groups}
 
 
+def lay_out_like_params(optimizer):
+    """Give each parameter's optimizer state (Adam's moments) the parameter's strides: a run may
+    resume with another memory layout (CPU -> GPU, or --channels_last changed), and fused AdamW
+    refuses a parameter and its state of different layouts."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def check_same_classes(ckpt, class_names, action):
     """A class-conditional checkpoint continues only on data with the same classes, in the same order."""
     saved = tuple(ckpt.get("class_names") or ())
@@ -2540,6 +2556,7 @@ def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num
     model.load_state_dict(ckpt["model"])
     ema.model.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(with_kernel_of(optimizer, ckpt["optimizer"]))
+    lay_out_like_params(optimizer)
     lr_schedule.load_state_dict(ckpt["scheduler"])
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -2725,9 +2742,18 @@ class Board:
             self.writer.close()
 
 
+def set_tf32(tf32):
+    """TF32 in fp32 matmuls and convolutions, on or off, through the API the running torch has:
+    fp32_precision from torch 2.9, which deprecates the allow_tf32 flags and raises where the two
+    are mixed."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
 def set_fast_math(tf32):
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    set_tf32(tf32)
     torch.backends.cudnn.benchmark = True  # shapes never change: pick the fastest convolutions once
 
 
@@ -2857,7 +2883,7 @@ def run_epochs(run, resume_from=None):
     preview_classes = preview_labels(run.class_names, cfg.num_preview)
     preview_noise = torch.randn((cfg.num_preview * max(1, len(run.class_names)), 3, cfg.image_size, cfg.image_size),
                                 generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    noise_generator = torch.Generator(device)
+    noise_generator, label_generator = torch.Generator(device), torch.Generator(device)
     batch_shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     shard = procs.shard(cfg.batch_size)
     check_every = min(cfg.log_every, cfg.max_bad_steps)  # host syncs for the bad-step and signal checks
@@ -2875,7 +2901,7 @@ def run_epochs(run, resume_from=None):
                 # train
                 lr = run.lr_schedule.set_step(state.step)
                 t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
-                y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, shard)
+                y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, shard, label_generator)
                 torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
                 grad_norm, losses, bad = train_step(run.forward, model, diffusion, x_start, t, noise, run.optimizer,
                                                     run.scaler, cfg.grad_clip, procs, y, cfg.grad_accum)

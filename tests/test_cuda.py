@@ -44,13 +44,13 @@ def batch(n=16, seed=1, device=CUDA):
     return x.to(device), t.to(device), torch.randn(x.shape, generator=g).to(device)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def exact_fp32():
-    """TF32 off (cuDNN turns it on by default), so fp32 on the GPU can be held to CPU tolerances."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """TF32 off (cuDNN turns it on by default), so fp32 on the GPU can be held to CPU tolerances;
+    module-scoped, so it is off before the module-scoped fp32 reference is computed too."""
+    td.set_tf32(False)
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    td.set_tf32(True)
 
 
 def train_steps(amp_dtype=None, fused=True, channels_last=False, compile=False, micro_batches=1,

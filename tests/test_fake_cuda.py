@@ -49,3 +49,23 @@ def test_the_respaced_chain_keeps_the_strided_alpha_bars_exactly():
     chain = diffusion.respace(timesteps)
     np.testing.assert_allclose(chain.alphas_cumprod.numpy(), diffusion.alphas_cumprod[timesteps].numpy(),
                                rtol=1e-12)
+
+
+def tiny_unet(num_classes=0):
+    return td.UNet(in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                   dropout=0.0, emb_dim=16, norm_groups=2, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("sampler", sorted(td.SAMPLERS))
+@pytest.mark.parametrize("clip", ["static", "dynamic", "none"])
+def test_every_sampler_runs_on_cuda_without_touching_the_cpu(sampler, clip):
+    betas = td.make_beta_schedule("linear", 100, 1e-3, 0.2).numpy()
+    with FakeTensorMode(), torch.device("cuda"):
+        diffusion = td.GaussianDiffusion(betas, device="cuda")
+        model = tiny_unet(num_classes=3)
+        classes = torch.tensor([0, -1])
+        # fewer steps than T (the respaced chain for ddpm), given noise or drawn, unguided or guided
+        for noise, guidance in ((None, 1.0), (torch.randn(2, 3, 8, 8), 2.0)):
+            x = diffusion.sample(model, (2, 3, 8, 8), sampler=sampler, steps=5, noise=noise, clip_denoised=clip,
+                                 var_type="fixedsmall", classes=classes, guidance_scale=guidance)
+            assert x.shape == (2, 3, 8, 8) and x.device.type == "cuda"

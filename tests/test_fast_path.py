@@ -369,3 +369,69 @@ def test_fp16_training_through_the_command_line_saves_the_scaler_state(cifar_dir
     ckpt = load_ckpt(tmp_path / "checkpoints" / "quick_test_ts20" / "latest.pt")
     assert ckpt["scaler"]["scale"] > 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("saved_layout, resumed_layout", [(False, True), (True, False)])
+def test_resume_lays_out_the_adam_moments_like_each_parameter(saved_layout, resumed_layout):
+    # a run saved in one memory layout and resumed in the other (CPU -> GPU turns channels_last on);
+    # fused CUDA AdamW refuses a parameter and its state of different strides
+    cfg = td.Config(**{**td.PRESETS["quick_test"], "base_channels": 16, "channel_mults": (1, 2), "timesteps": 20})
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+
+    def build(channels_last):
+        model = td.place_model(td.build_model(cfg), torch.device("cpu"), channels_last)
+        optimizer = td.build_optimizer(model, cfg)
+        return model, td.EMA(model, cfg.ema_decay), optimizer, td.LRSchedule(optimizer, cfg, 10)
+
+    model, ema, optimizer, lr_schedule = build(saved_layout)
+    td.GaussianDiffusion(td.make_beta_schedule("linear", 20)).training_losses(model, x, torch.arange(4)).mean().backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ckpt = td.training_checkpoint(cfg, model, ema, optimizer, lr_schedule, scaler, td.TrainState(step=1, num_images=8),
+                                  0, td.Meter(torch.device("cpu"), 1, 0.0, 20))
+    model2, ema2, optimizer2, lr_schedule2 = build(resumed_layout)
+    td.restore_training_state(ckpt, model2, ema2, optimizer2, lr_schedule2, scaler, 8)
+    convs = [p for p in model2.parameters() if p.dim() == 4]
+    assert convs and any(p.stride() != p.contiguous().stride() for p in convs) == resumed_layout
+    for saved, param in zip(optimizer.param_groups[0]["params"], model2.parameters()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = optimizer2.state[param][key]
+            assert state.stride() == param.stride(), key
+            assert torch.equal(state, optimizer.state[saved][key])  # the values, exactly
+
+
+def test_a_fallback_from_fused_adamw_is_said_once(monkeypatch, capsys):
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, fused=None, **kwargs):  # as torch answers on a device without the kernel
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    model = torch.nn.Linear(2, 2)
+    optimizer = td.build_optimizer(model, td.Config(fused_adamw=True))
+    assert not optimizer.defaults.get("fused")
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "no fused AdamW" in out and "every step" in out
+    td.build_optimizer(model, td.Config(fused_adamw=False))  # asked for unfused: nothing to say
+    assert capsys.readouterr().out == ""
+
+
+def test_tf32_is_set_through_the_api_the_running_torch_has():
+    import warnings
+    new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+    try:
+        for tf32 in (True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no deprecation warning from the legacy flags
+                td.set_tf32(tf32)
+            if new_api:
+                want = "tf32" if tf32 else "ieee"
+                assert torch.backends.cuda.matmul.fp32_precision == want
+                assert torch.backends.cudnn.conv.fp32_precision == want
+            else:
+                assert torch.backends.cuda.matmul.allow_tf32 == tf32 and torch.backends.cudnn.allow_tf32 == tf32
+    finally:
+        td.set_tf32(False)
