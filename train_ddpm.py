@@ -2742,6 +2742,16 @@ class Board:
             self.writer.close()
 
 
+def compile_model(net, cfg, world):
+    """torch.compile outside DDP, so that dynamo's DDP optimizer can overlap gradient buckets with the
+    backward. That optimizer splits the graph at bucket boundaries, which the activation checkpoint's
+    higher-order op does not survive (pytorch/pytorch#104674): with --grad_checkpointing on several
+    processes, compile the whole graph instead (gradients are then all-reduced after the backward)."""
+    if world > 1 and cfg.grad_checkpointing:
+        torch._dynamo.config.optimize_ddp = False
+    return torch.compile(net)
+
+
 def set_tf32(tf32):
     """TF32 in fp32 matmuls and convolutions, on or off, through the API the running torch has:
     fp32_precision from torch 2.9, which deprecates the allow_tf32 flags and raises where the two
@@ -2801,7 +2811,7 @@ def train(cfg, resume_from=None):
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        net = torch.compile(net)  # outside DDP, so its optimizer can overlap gradient buckets with the backward
+        net = compile_model(net, cfg, procs.world)
     forward, ema_forward = (Precision(m, device, amp_dtype, channels_last) for m in (net, ema.model))
     validator = None
     if val_images is not None and procs.main:
@@ -3201,8 +3211,8 @@ def checked_sampling_steps(args, cfg):
 
 def sampling_classes(args, ckpt, cfg, num_samples):
     """(labels (N,) or None, guidance scale) for --class_label and --guidance_scale, checked before any
-    work: 'all' (the default of a class-conditional model) is an equal number of every class, in class
-    order; a name or an index is that class alone."""
+    work: 'all' (the default of a class-conditional model) is every class in class order, as equally
+    often as N allows; a name or an index is that class alone."""
     names = list(ckpt.get("class_names") or ())
     scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
     if not names:
@@ -3213,11 +3223,9 @@ def sampling_classes(args, ckpt, cfg, num_samples):
     if scale < 0:
         raise UserError("--guidance_scale must be at least 0")
     label = "all" if args.class_label is None else args.class_label
-    if label == "all":
-        if num_samples % len(names):
-            raise UserError(f"--class_label all makes an equal number of each of the {len(names)} classes: "
-                            f"make --num_samples a multiple of {len(names)}")
-        return torch.arange(len(names)).repeat_interleave(num_samples // len(names)), scale
+    if label == "all":  # class by class; where N is not a multiple, the first N mod C classes get one more
+        counts = [num_samples // len(names) + (c < num_samples % len(names)) for c in range(len(names))]
+        return torch.arange(len(names)).repeat_interleave(torch.tensor(counts)), scale
     if label.lstrip("-").isdigit():
         index = int(label)
         if not 0 <= index < len(names):
@@ -3308,14 +3316,17 @@ def run_sample(args):
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"{i:05d}.png")
     as_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-    if classes is not None and (args.class_label or "all") == "all":  # a row per class, named
-        per_class = min(10, args.num_samples // len(names))
-        rows = np.concatenate([images[classes.numpy() == c][:per_class] for c in range(len(names))])
-        save_labelled_grid(as_float(rows), names, out / f"{stem}_grid.png", title=f"w = {scale:g}")
+    if classes is not None and (args.class_label or "all") == "all":  # a row per class drawn, named
+        drawn = classes.unique().tolist()
+        per_class = min(10, *(int((classes == c).sum()) for c in drawn))
+        rows = np.concatenate([images[classes.numpy() == c][:per_class] for c in drawn])
+        save_labelled_grid(as_float(rows), [names[c] for c in drawn], out / f"{stem}_grid.png", title=f"w = {scale:g}")
     else:
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
         np.save(out / f"{stem}_labels.npy", classes.numpy())
+        held = ", ".join(f"{names[c]} x{int((classes == c).sum())}" for c in classes.unique().tolist())
+        print(f"classes of {stem}/: {held} (file by file in {stem}_labels.npy)")
     if args.nearest:
         write_nearest(args, cfg, images[:10], out / f"{stem}_nearest.png", device)
     if args.trajectory:

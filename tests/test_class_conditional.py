@@ -97,14 +97,37 @@ def test_sampling_by_class_and_guidance_scale(conditional_run):
     ("horse", None, 6, ["horse", "cat, dog, frog"]),
     ("3", None, 6, ["--class_label 3", "0..2"]),
     ("0", -1.0, 6, ["--guidance_scale"]),
-    ("all", None, 4, ["multiple of 3"]),
-], ids=["unknown-name", "index-out-of-range", "negative-scale", "unequal-classes"])
+], ids=["unknown-name", "index-out-of-range", "negative-scale"])
 def test_bad_class_flags_are_refused_before_any_work(label, scale, n, fragments):
     ckpt = dict(class_names=list(CLASSES))
     args = td.argparse.Namespace(class_label=label, guidance_scale=scale)
     with pytest.raises(td.UserError) as refused:
         td.sampling_classes(args, ckpt, td.Config(), n)
     assert all(fragment in str(refused.value) for fragment in fragments), refused.value
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 64])
+def test_all_classes_are_drawn_in_class_order_as_equally_as_the_number_allows(n):
+    args = td.argparse.Namespace(class_label=None, guidance_scale=None)
+    labels, _ = td.sampling_classes(args, dict(class_names=list(CLASSES)), td.Config(), n)
+    assert len(labels) == n and labels.tolist() == sorted(labels.tolist())
+    counts = [labels.tolist().count(c) for c in range(len(CLASSES))]
+    assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True), counts
+
+
+def test_sampling_a_number_of_images_that_is_not_a_multiple_of_the_classes_gives_that_number(conditional_run):
+    for n, held, want in ((4, "cat x2, dog x1, frog x1", [0, 0, 1, 2]), (2, "cat x1, dog x1", [0, 1])):
+        result = run_cli("--mode", "sample", "--checkpoint", conditional_run / "checkpoints" / "whole", "--sampler",
+                         "ddim", "--sampling_steps", "3", "--num_samples", n, "--trajectory", "--out", f"n{n}",
+                         cwd=conditional_run)
+        assert_ok(result)
+        assert held in result.stdout, result.stdout
+        folder = next(p for p in (conditional_run / f"n{n}").iterdir() if p.is_dir())
+        assert len(list(folder.glob("*.png"))) == n
+        labels = np.load(next((conditional_run / f"n{n}").glob("*_labels.npy")))
+        assert labels.tolist() == want
+        grid = Image.open(next((conditional_run / f"n{n}").glob("*_grid.png")))
+        assert grid.size[1] == 14 + len(set(labels.tolist())) * 10  # a row per class drawn
 
 
 def test_the_command_line_refuses_an_unknown_class_in_one_line_and_writes_nothing(conditional_run):

@@ -435,3 +435,12 @@ def test_tf32_is_set_through_the_api_the_running_torch_has():
                 assert torch.backends.cuda.matmul.allow_tf32 == tf32 and torch.backends.cudnn.allow_tf32 == tf32
     finally:
         td.set_tf32(False)
+
+
+@pytest.mark.parametrize("world, checkpointing", [(1, True), (2, False), (2, True)])
+def test_compile_splits_the_ddp_graph_unless_grad_checkpointing_runs_on_several_processes(world, checkpointing):
+    import torch._dynamo
+    with torch._dynamo.config.patch(optimize_ddp=True):
+        compiled = td.compile_model(torch.nn.Linear(2, 2), td.Config(grad_checkpointing=checkpointing), world)
+        assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily: no kernel built
+        assert torch._dynamo.config.optimize_ddp == (not (world > 1 and checkpointing))
