@@ -201,12 +201,14 @@ RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "cha
 PRESETS = {
     # Shorter chains scale the paper's linear betas by 1000 / T (as improved-diffusion does) so that
     # x_T is still pure noise; the paper's 1e-4..0.02 at T=100 would leave 60% of the image in x_T.
-    "quick_test": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128,
+    # Every preset has one GroupNorm group count that leaves at least 4 channels per group at each of
+    # its widths, so its models export to diffusers' UNet2DModel (one norm_num_groups for all norms).
+    "quick_test": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128, norm_groups=8,
                        dropout=0.0, timesteps=100, beta_start=1e-3, beta_end=0.2, batch_size=64, learning_rate=1e-3, warmup_steps=100,
                        restart_period=4, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
                        save_every=1),
     "cifar10": dict(),
-    "cifar10_optimized": dict(base_channels=64, emb_dim=256, learning_rate=3e-4, epochs=300,
+    "cifar10_optimized": dict(base_channels=64, emb_dim=256, norm_groups=16, learning_rate=3e-4, epochs=300,
                               restart_period=50),
     # 800,000 steps of 128 (2,048 passes over CIFAR-10): 2,052 epochs of 390 whole batches, cut at max_steps.
     "ddpm_paper": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -216,17 +218,16 @@ PRESETS = {
                        ema_decay=0.9999, batch_size=128, epochs=2052, max_steps=800_000, save_every=25),
     "best_quality": dict(timesteps=2000, schedule_type="cosine", batch_size=256, learning_rate=2e-4,
                          emb_dim=256, epochs=800, restart_period=100),
-    "fastest": dict(base_channels=64, channel_mults=(1, 2, 2), use_attention=False, emb_dim=256,
+    "fastest": dict(base_channels=64, channel_mults=(1, 2, 2), use_attention=False, emb_dim=256, norm_groups=16,
                     timesteps=500, beta_start=2e-4, beta_end=0.04, batch_size=256, learning_rate=5e-4, epochs=200, restart_period=25),
-    "low_memory": dict(base_channels=64, emb_dim=256, batch_size=32, learning_rate=1e-4,
+    "low_memory": dict(base_channels=64, emb_dim=256, norm_groups=16, batch_size=32, learning_rate=1e-4,
                        epochs=200, restart_period=25),
-    "cifar10_cond": dict(base_channels=64, emb_dim=256, learning_rate=3e-4, epochs=300, restart_period=50,
+    "cifar10_cond": dict(base_channels=64, emb_dim=256, norm_groups=16, learning_rate=3e-4, epochs=300, restart_period=50,
                          class_conditional=True, class_dropout=0.1, guidance_scale=2.0),
     # One hour on a 2-core CPU is about 6,300 steps of 64: a 1.1M-parameter UNet at a constant high
     # LR with a short EMA, so the weights sampled at the end average the last few thousand steps.
     # Dynamic thresholding: a model this young predicts x_0 far out of range at high noise, and
     # clamping that seeds speckle (BENCHMARKS.md, "Dynamic thresholding").
-    # 8 groups at every width keep it exportable to diffusers' UNet2DModel (one group count).
     "cpu_hour": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128, norm_groups=8,
                      dropout=0.0, batch_size=64, learning_rate=1e-3, warmup_steps=200, scheduler="constant",
                      grad_clip=1.0, ema_decay=0.999, epochs=10_000, max_minutes=60.0, val_size=0,

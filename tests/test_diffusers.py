@@ -136,7 +136,12 @@ def loading_warnings(caplog, load):
     (dict(preset="quick_test", image_size=16, channel_mults=(1, 2), attn_resolutions=(16,), norm_groups=8,
           emb_dim=40, schedule_type="cosine", timesteps=50, downsample_padding="symmetric", norm_eps=1e-5,
           clip_x0="dynamic"), True),
-], ids=["paper-ema", "reduced-raw"])
+    # every preset's model, narrowed to two levels of one block (its widths, so its group counts, kept)
+    *[(dict(preset=name, image_size=16, channel_mults=td.Config(**td.PRESETS[name]).channel_mults[:2],
+            num_res_blocks=1, class_conditional=False,
+            **({} if td.Config(**td.PRESETS[name]).use_attention else dict(attn_resolutions=()))),  # no attention reads back as ()
+      False) for name in td.PRESETS],
+], ids=["paper-ema", "reduced-raw", *td.PRESETS])
 def test_our_checkpoint_exported_to_diffusers_loads_without_warnings_and_computes_the_same_function(
         tmp_path, caplog, overrides, raw):
     cfg = td.Config(**{**td.PRESETS[overrides["preset"]], **overrides})
