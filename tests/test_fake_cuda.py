@@ -69,3 +69,14 @@ def test_every_sampler_runs_on_cuda_without_touching_the_cpu(sampler, clip):
             x = diffusion.sample(model, (2, 3, 8, 8), sampler=sampler, steps=5, noise=noise, clip_denoised=clip,
                                  var_type="fixedsmall", classes=classes, guidance_scale=guidance)
             assert x.shape == (2, 3, 8, 8) and x.device.type == "cuda"
+
+
+def test_the_training_loss_of_a_class_conditional_unet_stays_on_cuda():
+    betas = td.make_beta_schedule("linear", 100, 1e-3, 0.2).numpy()
+    with FakeTensorMode(), torch.device("cuda"):
+        diffusion = td.GaussianDiffusion(betas, device="cuda")
+        model = tiny_unet(num_classes=3)
+        forward = td.Precision(model, torch.device("cuda"), None, channels_last=True)
+        x, t, y = torch.randn(4, 3, 8, 8), torch.randint(0, 100, (4,)), torch.tensor([0, 1, 2, -1])
+        losses = diffusion.training_losses(forward, x, t, torch.randn_like(x), y)
+        assert losses.shape == (4,) and losses.device.type == "cuda"
