@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command for a fresh GPU machine, 7.5 minutes at most: its timeouts add up to 445 s (each counted
+# One command for a fresh GPU machine, under 8 minutes: its timeouts add up to 475 s (each counted
 # once; only a machine whose python3 lacks torch probes more than one interpreter):
 #
 #     bash bench/gpu_check.sh            # OUT=results/ WORK=/scratch/gpu_check bash bench/gpu_check.sh
@@ -8,10 +8,10 @@
 #    only when neither does, a virtual environment .venv-gpu (--system-site-packages) and one quick,
 #    optional pip install that gives up at once offline. No CUDA GPU: one line on stderr, exit 2;
 # 1. the environment: torch, torchvision, CUDA, cuDNN, the GPU, nvidia-smi, missing modules;
-# 2. tests/test_cuda.py, stopping at the first failure (120 s at most);
-# 3. bench/bench_train.py on the paper's model, batch 128, bf16 autocast: eager (40 s), then
-#    torch.compile (105 s), each its own process, so a slow compile cannot cost the eager row;
-# 4. the largest power-of-two batch that trains (40 s), then 30 s of the cifar10 preset (60 s):
+# 2. tests/test_cuda.py, stopping at the first failure (180 s at most);
+# 3. bench/bench_train.py on the paper's model, batch 128, bf16 autocast: eager (35 s), then
+#    torch.compile (95 s), each its own process, so a slow compile cannot cost the eager row;
+# 4. the largest power-of-two batch that trains (35 s), then 24 s of the cifar10 preset (50 s):
 #    on CIFAR-10 when ./data holds it, else on random images written under $WORK (the speed is the
 #    same; the pictures are noise);
 # 5. a summary table, printed and written to $OUT/summary.md.
@@ -110,19 +110,19 @@ EOF
 
 # --- 2. every CUDA branch, briefly ---------------------------------------------------------------
 step test_cuda.txt "tests/test_cuda.py" \
-    timeout 120 "$PY" -m pytest -v -x -p no:cacheprovider tests/test_cuda.py
+    timeout 180 "$PY" -m pytest -v -x -p no:cacheprovider tests/test_cuda.py
 
 # --- 3. the paper's model, bf16: eager, then compiled (each prints its table when it is done) -------
 step bench_eager.txt "bench_train.py: paper model, eager, bf16" \
-    timeout 40 "$PY" bench/bench_train.py --rows ours
+    timeout 35 "$PY" bench/bench_train.py --rows ours
 step bench_compile.txt "bench_train.py: paper model, torch.compile, bf16" \
-    timeout 105 "$PY" bench/bench_train.py --rows ours_compile
+    timeout 95 "$PY" bench/bench_train.py --rows ours_compile
 
 # --- 4. the largest batch, then the cifar10 preset -----------------------------------------------
 # No rows at batch 128 (--rows ""): only the doubling search, whose "trying batch N" lines tell what
 # fitted even if it is killed or crashes.
 step largest_batch.txt "bench_train.py: largest batch, eager, bf16" \
-    timeout 40 "$PY" bench/bench_train.py --rows "" --largest_batch --steps 3
+    timeout 35 "$PY" bench/bench_train.py --rows "" --largest_batch --steps 3
 
 DATA=data
 if [ ! -f data/cifar-10-batches-py/data_batch_5 ]; then
@@ -148,8 +148,8 @@ LINEBUF=()
 command -v stdbuf >/dev/null && LINEBUF=(stdbuf -oL)
 train() {  # tqdm redraws its bar with \r: one line per redraw, at most one every 5 s
     rm -rf "$WORK/checkpoints/gpu_check" "$WORK/samples/gpu_check"
-    TQDM_MININTERVAL=5 timeout 60 "$PY" train_ddpm.py --mode train --preset cifar10 --device cuda \
-        --data_dir "$DATA" --max_minutes 0.5 --run_name gpu_check --checkpoint_dir "$WORK/checkpoints" \
+    TQDM_MININTERVAL=5 timeout 50 "$PY" train_ddpm.py --mode train --preset cifar10 --device cuda \
+        --data_dir "$DATA" --max_minutes 0.4 --run_name gpu_check --checkpoint_dir "$WORK/checkpoints" \
         --samples_dir "$WORK/samples" --val_size 0 --save_every_minutes 0 2>&1 \
         | ${LINEBUF[@]+"${LINEBUF[@]}"} tr '\r' '\n' | grep --line-buffered -v '^[[:space:]]*$'
     local rc=${PIPESTATUS[0]}
@@ -158,7 +158,7 @@ train() {  # tqdm redraws its bar with \r: one line per redraw, at most one ever
              tail -n +2 "$WORK/checkpoints/gpu_check/loss_log.csv" | tail -n 3; }
     return "$rc"
 }
-step train.txt "30 s of the cifar10 preset on $DATA" train
+step train.txt "24 s of the cifar10 preset on $DATA" train
 
 # --- 5. the summary ----------------------------------------------------------------------------------
 printf '\n=== summary ===\n'
@@ -207,7 +207,7 @@ if logged:
              f"(last loss-log row)")
 else:
     train = "no loss log: see train.txt"
-rows.append(("cifar10 preset, 30 s", f"{train} ({status('train.txt')})"))
+rows.append(("cifar10 preset, 24 s", f"{train} ({status('train.txt')})"))
 print(f"gpu_check summary ({seconds} s in all)\n\n| check | result |\n|---|---|")
 for name, value in rows:
     print(f"| {name} | {value.replace('|', '/')} |")

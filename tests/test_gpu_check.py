@@ -46,7 +46,7 @@ FAKE_PYTHON = textwrap.dedent("""\
         *train_ddpm.py*) while [ $# -gt 0 ]; do [ "$1" = --checkpoint_dir ] && ckpt=$2; shift; done
                          mkdir -p "$ckpt/gpu_check"
                          printf 'step,epoch,loss,lr,images_per_s\\n50,0.13,0.0712,1e-4,8765.4\\n' > "$ckpt/gpu_check/loss_log.csv"
-                         printf 'epoch 1/500:  1%%| 5/390\\repoch 1/500:  2%%| 9/390\\r' >&2; echo "--max_minutes 0.5 reached" ;;
+                         printf 'epoch 1/500:  1%%| 5/390\\repoch 1/500:  2%%| 9/390\\r' >&2; echo "--max_minutes 0.4 reached" ;;
         *) echo "fake python: unexpected arguments: $*" >&2; exit 99 ;;
     esac
 """)
@@ -196,7 +196,7 @@ def test_every_step_reports_into_a_small_out_and_the_summary_reads_them(tmp_path
     assert rows["paper model, torch.compile bf16"].startswith("no table (")
     assert rows["largest batch"].startswith("no table; fitted: 128; stopped while trying 256 with "
                                             "RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED")
-    assert rows["cifar10 preset, 30 s"].startswith("step 50, epoch 0.13, loss 0.0712, 8765.4 images/s")
+    assert rows["cifar10 preset, 24 s"].startswith("step 50, epoch 0.13, loss 0.0712, 8765.4 images/s")
 
 
 def test_the_largest_batch_search_counts_every_allocation_failure_and_nothing_else():
