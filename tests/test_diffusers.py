@@ -358,8 +358,8 @@ def test_the_command_line_refuses_such_a_folder_in_one_line_and_writes_nothing(t
 
 
 def test_export_refuses_what_unet2dmodel_cannot_express_and_writes_nothing(tmp_path):
-    # TINY's 16-wide levels get 16 groups where 32 do not divide the width: UNet2DModel has one group count
-    cfg = td.Config(**{**td.PRESETS["quick_test"], "base_channels": 16, "timesteps": 20})
+    # 32 groups give a 16-wide level 4 groups (4 channels each) and a 32-wide one 8: UNet2DModel has one count
+    cfg = td.Config(**{**td.PRESETS["quick_test"], "base_channels": 16, "timesteps": 20, "norm_groups": 32})
     our_checkpoint(tmp_path / "ours.pt", cfg)
     before = snapshot(tmp_path)
     assert_one_line_error(run_cli("--mode", "sample", "--checkpoint", "ours.pt", "--export_diffusers", "out",
@@ -373,7 +373,7 @@ def test_a_checkpoint_from_before_the_paper_padding_and_eps_still_samples_as_it_
     (downsample_padding=1, norm_eps=1e-5) gives the images our sampler makes from it."""
     cfg = td.Config(**{**td.PRESETS["quick_test"], "base_channels": 32, "channel_mults": (1, 2), "timesteps": 20,
                        "beta_start": 0.005, "beta_end": 0.999, "norm_eps": 1e-5, "downsample_padding": "symmetric",
-                       "norm_min_channels": 1})
+                       "norm_min_channels": 1, "norm_groups": 32})  # quick_test's groups then
     _, ema = our_checkpoint(tmp_path / "old.pt", cfg)
     ckpt = load_ckpt(tmp_path / "old.pt")
     for new_field in ("norm_eps", "downsample_padding", "norm_min_channels"):  # as written before they existed
