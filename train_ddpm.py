@@ -3317,16 +3317,15 @@ def run_sample(args):
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"{i:05d}.png")
     as_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    drawn, counts = (None, None) if classes is None else (t.tolist() for t in classes.unique(return_counts=True))
     if classes is not None and (args.class_label or "all") == "all":  # a row per class drawn, named
-        drawn = classes.unique().tolist()
-        per_class = min(10, *(int((classes == c).sum()) for c in drawn))
-        rows = np.concatenate([images[classes.numpy() == c][:per_class] for c in drawn])
+        rows = np.concatenate([images[classes.numpy() == c][:min(10, *counts)] for c in drawn])
         save_labelled_grid(as_float(rows), [names[c] for c in drawn], out / f"{stem}_grid.png", title=f"w = {scale:g}")
     else:
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
         np.save(out / f"{stem}_labels.npy", classes.numpy())
-        held = ", ".join(f"{names[c]} x{int((classes == c).sum())}" for c in classes.unique().tolist())
+        held = ", ".join(f"{names[c]} x{n}" for c, n in zip(drawn, counts))
         print(f"classes of {stem}/: {held} (file by file in {stem}_labels.npy)")
     if args.nearest:
         write_nearest(args, cfg, images[:10], out / f"{stem}_nearest.png", device)

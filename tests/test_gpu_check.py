@@ -65,13 +65,18 @@ def copy_script(tmp_path):
     return tree
 
 
-def wrapper(folder, target):
-    """A python3 on PATH that runs target (a venv's python: a symlink would lose the venv)."""
+def fake_python3(folder, script):
+    """An executable `python3` in folder (to put first on PATH) that runs the shell script given."""
     folder.mkdir(exist_ok=True)
     path = folder / "python3"
-    path.write_text(f'#!/bin/sh\nexec "{target}" "$@"\n')
+    path.write_text(script)
     path.chmod(0o755)
     return path
+
+
+def wrapper(folder, target):
+    """A python3 on PATH that runs target (a venv's python: a symlink would lose the venv)."""
+    return fake_python3(folder, f'#!/bin/sh\nexec "{target}" "$@"\n')
 
 
 def run(tree, tmp_path, bin_dir, **env):
@@ -125,18 +130,15 @@ def test_its_timeouts_fit_the_device_budget():
 def test_without_torch_on_path_it_stops_before_making_a_venv(tmp_path):
     """A python3 without torch and no NVIDIA driver: one line, exit 2, no .venv-gpu, no pip."""
     tree = copy_script(tmp_path)
-    no_torch = tmp_path / "bin"
-    no_torch.mkdir()
-    (no_torch / "python3").write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
-    (no_torch / "python3").chmod(0o755)
-    result = run(tree, tmp_path, no_torch)
+    no_torch = fake_python3(tmp_path / "bin", "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    result = run(tree, tmp_path, no_torch.parent)
     assert_needs_gpu(result)
     assert "no NVIDIA driver" in result.stderr
     assert "No module named 'torch'" in (tmp_path / "out" / "env.txt").read_text(), "the probe's stderr was lost"
     assert_small_results(tmp_path, tree)
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_on_a_cpu_machine_it_takes_python3_as_it_is_and_stops_with_one_line(tmp_path):
     tree = copy_script(tmp_path)
     python3 = wrapper(tmp_path / "bin", sys.executable)  # this venv's python: it imports torch
@@ -150,14 +152,11 @@ def test_on_a_cpu_machine_it_takes_python3_as_it_is_and_stops_with_one_line(tmp_
     assert not (tmp_path / "work").exists()  # stopped before any step
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a CUDA GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_python_wins_over_python3(tmp_path):
     tree = copy_script(tmp_path)
-    no_torch = tmp_path / "bin"
-    no_torch.mkdir()
-    (no_torch / "python3").write_text("#!/bin/sh\nexit 1\n")
-    (no_torch / "python3").chmod(0o755)
-    result = run(tree, tmp_path, no_torch, PYTHON=sys.executable)
+    no_torch = fake_python3(tmp_path / "bin", "#!/bin/sh\nexit 1\n")
+    result = run(tree, tmp_path, no_torch.parent, PYTHON=sys.executable)
     assert_needs_gpu(result)
     assert result.stdout.splitlines()[0].startswith(f"python: {sys.executable} (torch "), describe(result)
     assert_small_results(tmp_path, tree)
@@ -168,10 +167,7 @@ def test_every_step_reports_into_a_small_out_and_the_summary_reads_them(tmp_path
     file, failures are counted, and summary.md says what each step gave, a crashed largest-batch
     search included."""
     tree = copy_script(tmp_path)
-    fake = tmp_path / "bin" / "python3"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
+    fake = fake_python3(tmp_path / "bin", FAKE_PYTHON)
     result = run(tree, tmp_path, fake.parent, REAL_PYTHON=sys.executable)
     assert result.returncode == 1, describe(result)  # the compiled bench and the largest batch failed
     assert "2 step(s) failed" in result.stdout, describe(result)
