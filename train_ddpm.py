@@ -978,13 +978,14 @@ class GaussianDiffusion(nn.Module):
         return (mean, _extract(self.posterior_variance, t, x_t),
                 _extract(self.posterior_log_variance_clipped, t, x_t))
 
-    def p_mean_variance(self, eps, x_t, t, clip_denoised=True, var_type="fixedlarge"):
-        """Mean and log-variance of p(x_{t-1} | x_t) from a noise prediction (Ho et al. sec. 3.2)."""
-        pred_xstart = clip_xstart(self.predict_xstart_from_eps(x_t, t, eps), clip_denoised)
+    def p_mean_variance(self, eps, x_t, t, clip_x0="static", var_type="fixedlarge"):
+        """Mean and log-variance of p(x_{t-1} | x_t) from a noise prediction (Ho et al. sec. 3.2), and
+        the predicted x_0 they come from, held by the clip_x0 rule (see clip_xstart)."""
+        pred_xstart = clip_xstart(self.predict_xstart_from_eps(x_t, t, eps), clip_x0)
         mean, _, log_variance = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         if var_type == "fixedlarge":
             log_variance = _extract(self.log_betas_fixedlarge, t, x_t)
-        return mean, log_variance
+        return mean, log_variance, pred_xstart
 
     def loss(self, model, x_start, t=None, noise=None):
         """L_simple (Ho et al. Algorithm 1, eq. 14): the MSE between the noise and its prediction."""
@@ -1009,24 +1010,21 @@ class GaussianDiffusion(nn.Module):
         prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
         return GaussianDiffusion(1.0 - alphas_cumprod / prev, device=self.betas.device)
 
-    def sample(self, model, shape, sampler="ddpm", steps=None, eta=0.0, generator=None,
-               clip_denoised=True, var_type="fixedlarge", noise=None, progress=False,
-               timestep_spacing=None, classes=None, guidance_scale=1.0):
-        """Generate images (B, C, H, W), in [-1, 1] unless clip_denoised is False or "none" (see
-        clip_xstart for "static", the default, and "dynamic"). `model(x_t, t)` predicts the
-        noise; with `classes` ((B,) int64 labels, -1 = no class) it is called as model(x_t, t, y)
-        and guided with `guidance_scale` (see guided_noise_predictor)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        predictor = model if classes is None else guided_noise_predictor(model, classes, guidance_scale)
-        kwargs = {"ddpm": dict(var_type=var_type), "ddim": dict(eta=eta), "dpmpp2m": {}}[sampler]
-        kwargs["spacing"] = timestep_spacing or DEFAULT_SPACING[sampler]
+    def sample(self, model, shape, spec=None, *, noise=None, generator=None, classes=None, callback=None):
+        """Images (B, C, H, W) drawn as the SamplingSpec says (default: ancestral over all T steps),
+        starting from `noise` or from randn(shape) of `generator`; in [-1, 1] unless spec.clip_x0 is
+        "none". `model(x_t, t)` predicts the noise; with `classes` ((B,) int64 labels, -1 = no class)
+        it is called as model(x_t, t, y), guided by spec.guidance_scale: the one place guidance is
+        applied. callback(step, t, x_t, x0) sees each model call (see the samplers)."""
+        spec = spec or SamplingSpec()
+        predictor = model if classes is None else guided_noise_predictor(model, classes, spec.guidance_scale)
+        device = self.betas.device
+        x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
         was_training = getattr(model, "training", False)
         if was_training:
             model.eval()  # dropout off while sampling
         try:
-            return SAMPLERS[sampler](predictor, self, shape, steps=steps, generator=generator,
-                                     clip_denoised=clip_denoised, noise=noise, progress=progress, **kwargs)
+            return SAMPLERS[spec.sampler](predictor, self, x, spec.timesteps(self), spec, generator, callback)
         finally:
             if was_training:
                 model.train()
@@ -1037,8 +1035,6 @@ def guided_noise_predictor(model, classes, scale):
     so w = 1 samples the class-conditional model, w = 0 the unconditional one, and w > 1 moves
     samples further towards what distinguishes the class. Both predictions come from one call on
     the doubled batch; rows labelled -1 are unconditional either way."""
-    if scale < 0:
-        raise ValueError(f"guidance scale must be at least 0, got {scale}")
     classes = torch.as_tensor(classes, dtype=torch.long)
     if scale == 1:
         return lambda x, t: model(x, t, classes.to(x.device))
@@ -1129,14 +1125,63 @@ DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
 
 CLIP_MODES = CONFIG_FIELDS["clip_x0"].metadata["choices"]
 DYNAMIC_PERCENTILE = 0.995  # DPM-Solver++'s and diffusers' choice (Imagen leaves it open)
+VAR_TYPES = ("fixedlarge", "fixedsmall")
 
 
-def clip_mode(clip):
-    """The name of a clip_denoised value: True is static, False is none (the older boolean)."""
-    mode = {True: "static", False: "none"}[clip] if isinstance(clip, bool) else clip
-    if mode not in CLIP_MODES:
-        raise ValueError(f"unknown clip_denoised {clip!r}; choose from True, False, {', '.join(CLIP_MODES)}")
-    return mode
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How samples are drawn, as one value: built once from the flags (--mode sample, eval) or from
+    a run's config (previews, FID during training), handed whole to GaussianDiffusion.sample, and
+    named by name() in file names and by log_row() in FID logs."""
+    sampler: str = "ddpm"          # ddpm: ancestral (Ho et al.); ddim (Song et al.); dpmpp2m: DPM-Solver++(2M)
+    steps: int = 0                 # model calls, K of the T steps; 0 = all T
+    spacing: str = ""              # which K steps (see timestep_grid); "" = the sampler's DEFAULT_SPACING
+    eta: float = 0.0               # DDIM's noise: 0 deterministic, 1 the DDPM posterior's variance
+    var_type: str = "fixedlarge"   # DDPM's reverse variance: beta_t (fixedlarge) or the posterior's (fixedsmall)
+    clip_x0: str = "static"        # how each step's predicted x_0 is held in [-1, 1] (see clip_xstart)
+    guidance_scale: float = 1.0    # classifier-free guidance w of a class-conditional model
+
+    def __post_init__(self):
+        for name, value, allowed in (("sampler", self.sampler, tuple(SAMPLERS)),
+                                     ("timestep spacing", self.spacing, ("",) + TIMESTEP_SPACINGS),
+                                     ("var_type", self.var_type, VAR_TYPES), ("clip_x0", self.clip_x0, CLIP_MODES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(filter(None, allowed))}")
+        if self.eta < 0 or self.guidance_scale < 0:
+            raise ValueError(f"eta and the guidance scale must be at least 0, got {self.eta} and {self.guidance_scale}")
+
+    @classmethod
+    def for_previews(cls, cfg):
+        return cls("ddim", cfg.preview_steps, clip_x0=cfg.clip_x0, guidance_scale=cfg.guidance_scale)
+
+    @classmethod
+    def for_fid(cls, cfg, conditional):
+        """FID during training: 20-step DPM-Solver++, at the run's w when the model has classes."""
+        return cls("dpmpp2m", min(20, cfg.timesteps), clip_x0=cfg.clip_x0,
+                   guidance_scale=cfg.guidance_scale if conditional else 1.0)
+
+    @property
+    def grid_spacing(self):
+        return self.spacing or DEFAULT_SPACING[self.sampler]
+
+    def timesteps(self, diffusion):
+        """The increasing timesteps the sampler visits, as host ints."""
+        T = diffusion.num_timesteps
+        return timestep_grid(T, self.steps or T, self.grid_spacing, diffusion.alphas_cumprod_host)
+
+    def name(self, classes=""):
+        """For file names: sampler and steps, DDIM's eta or DDPM's variance, the spacing when chosen,
+        the clip rule unless static, and the classes drawn with w."""
+        name = f"{self.sampler}{self.steps}" + {"ddim": f"_eta{self.eta:g}", "ddpm": f"_{self.var_type}",
+                                                "dpmpp2m": ""}[self.sampler]
+        name += f"_{self.spacing}" if self.spacing else ""
+        name += f"_clip{self.clip_x0}" if self.clip_x0 != "static" else ""
+        return name + (f"_{classes}_w{self.guidance_scale:g}" if classes else "")
+
+    def log_row(self, conditional):
+        """The sampling columns of a fid_log.csv row."""
+        return dict(sampler=self.sampler, steps=self.steps, spacing=self.grid_spacing, clip=self.clip_x0,
+                    eta=self.eta, guidance_scale=f"{self.guidance_scale:g}" if conditional else "")
 
 
 def clip_xstart(pred_xstart, clip):
@@ -1152,10 +1197,11 @@ def clip_xstart(pred_xstart, clip):
              Where the prediction is within [-1, 1] both are the identity.
     none:    as predicted.
     """
-    mode = clip_mode(clip)
-    if mode == "static":
+    if clip not in CLIP_MODES:
+        raise ValueError(f"unknown clip_x0 {clip!r}; choose from {', '.join(CLIP_MODES)}")
+    if clip == "static":
         return pred_xstart.clamp(-1, 1)
-    if mode == "dynamic":
+    if clip == "dynamic":
         magnitude = pred_xstart.abs().flatten(1)
         magnitude = magnitude.to(torch.promote_types(magnitude.dtype, torch.float32))  # quantile: no bf16
         per_call = max(1, 2 ** 24 // magnitude.shape[1])  # torch.quantile takes at most 2^24 values at once
@@ -1166,66 +1212,59 @@ def clip_xstart(pred_xstart, clip):
     return pred_xstart
 
 
-def _initial_noise(shape, noise, generator, device):
-    if noise is not None:
-        return noise.to(device)
-    return torch.randn(shape, generator=generator, device=device)
+def xstart_from_eps(x_t, eps, alpha_bar):
+    """x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), with alpha_bar a host float."""
+    return (x_t - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
 
 
-def _progress(iterable, enabled, desc):
-    return tqdm(iterable, desc=desc, leave=False, disable=not enabled)
-
+# Every sampler is sampler(model, diffusion, x_T, timesteps, spec, generator, callback): it runs
+# model(x_t, t) once per timestep of the increasing grid, from the last down, and returns x_0.
+# After each call it calls callback(step, t, x_t, x0) if given, with step = 0, 1, ... and x0 the
+# predicted x_0 as the sampler uses it (after spec.clip_x0).
 
 @torch.no_grad()
-def ddpm_sample(model, diffusion, shape, *, steps=None, generator=None, clip_denoised=True,
-                var_type="fixedlarge", noise=None, progress=False, spacing="uniform"):
+def ddpm_sample(model, diffusion, x, timesteps, spec, generator=None, callback=None):
     """Ancestral sampling, Ho et al. 2020 Algorithm 2; with steps < T, on the respaced chain."""
-    device = diffusion.betas.device
-    timesteps = timestep_grid(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
-                              diffusion.alphas_cumprod_host)
     chain = diffusion.respace(timesteps)
-    x = _initial_noise(shape, noise, generator, device)
-    for i in _progress(reversed(range(len(timesteps))), progress, "ddpm sampling"):
-        t_chain = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        t_model = torch.full((shape[0],), timesteps[i], device=device, dtype=torch.long)
-        mean, log_variance = chain.p_mean_variance(model(x, t_model), x, t_chain, clip_denoised, var_type)
+    for i in reversed(range(len(timesteps))):
+        t_chain = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        t_model = torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long)
+        mean, log_variance, x0 = chain.p_mean_variance(model(x, t_model), x, t_chain, spec.clip_x0, spec.var_type)
+        if callback:
+            callback(len(timesteps) - 1 - i, timesteps[i], x, x0)
         if i > 0:
-            x = mean + (0.5 * log_variance).exp() * torch.randn(shape, generator=generator, device=device)
+            x = mean + (0.5 * log_variance).exp() * torch.randn(x.shape, generator=generator, device=x.device)
         else:
             x = mean  # no noise at the last step
     return x
 
 
 @torch.no_grad()
-def ddim_sample(model, diffusion, shape, *, steps=None, eta=0.0, generator=None, clip_denoised=True,
-                noise=None, progress=False, spacing="uniform"):
+def ddim_sample(model, diffusion, x, timesteps, spec, generator=None, callback=None):
     """DDIM, Song et al. 2021 eq. 12, over strided timesteps; eta = 0 is deterministic and
     eta = 1 matches the DDPM posterior variance."""
-    device = diffusion.betas.device
-    timesteps = timestep_grid(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
-                              diffusion.alphas_cumprod_host)
     alphas_cumprod = diffusion.alphas_cumprod_host[timesteps].tolist()  # host floats: the loop never syncs
-    x = _initial_noise(shape, noise, generator, device)
-    for i in _progress(reversed(range(len(timesteps))), progress, "ddim sampling"):
-        t_cur = torch.full((shape[0],), timesteps[i], device=device, dtype=torch.long)
+    for i in reversed(range(len(timesteps))):
+        t_cur = torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long)
         abar, abar_next = alphas_cumprod[i], (alphas_cumprod[i - 1] if i > 0 else 1.0)
         eps = model(x, t_cur)
-        pred_xstart = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
-        if clip_mode(clip_denoised) != "none":
-            pred_xstart = clip_xstart(pred_xstart, clip_denoised)
+        pred_xstart = xstart_from_eps(x, eps, abar)
+        if spec.clip_x0 != "none":
+            pred_xstart = clip_xstart(pred_xstart, spec.clip_x0)
             eps = (x - math.sqrt(abar) * pred_xstart) / math.sqrt(1 - abar)
-        sigma = eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
+        if callback:
+            callback(len(timesteps) - 1 - i, timesteps[i], x, pred_xstart)
+        sigma = spec.eta * math.sqrt((1 - abar_next) / (1 - abar) * (1 - abar / abar_next))
         x = math.sqrt(abar_next) * pred_xstart + math.sqrt(max(1 - abar_next - sigma ** 2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(shape, generator=generator, device=device)
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
     return x
 
 
 @torch.no_grad()
-def dpmpp2m_sample(model, diffusion, shape, *, steps=None, generator=None, clip_denoised=True,
-                   noise=None, progress=False, spacing="logsnr"):
+def dpmpp2m_sample(model, diffusion, x, timesteps, spec, generator=None, callback=None):
     """DPM-Solver++(2M), Lu et al. 2022 Algorithm 2: a multistep second-order solver of the
-    probability-flow ODE in the data prediction x0_hat; 10-50 steps.
+    probability-flow ODE in the data prediction x0_hat; 10-50 steps. Deterministic (no generator).
 
     Here alpha_t = sqrt(alphas_cumprod[t]) and sigma_t = sqrt(1 - alphas_cumprod[t]) (DPM-Solver's
     alpha_t is DDPM's sqrt(alpha_bar_t)), and lambda_t = log(alpha_t / sigma_t). The first step is
@@ -1233,16 +1272,14 @@ def dpmpp2m_sample(model, diffusion, shape, *, steps=None, generator=None, clip_
     Steps evenly spaced in lambda by default: with steps even in t, the last step from t ~ T/K to
     t = 0 spans most of the lambda range and the multistep extrapolation loses its accuracy.
     """
-    device = diffusion.betas.device
-    timesteps = timestep_grid(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing,
-                              diffusion.alphas_cumprod_host)
     alphas_cumprod = diffusion.alphas_cumprod_host[timesteps].tolist()  # host floats: the loop never syncs
-    x = _initial_noise(shape, noise, generator, device)
     pred_prev, h_prev = None, None
-    for i in _progress(reversed(range(len(timesteps))), progress, "dpm-solver++ sampling"):
-        t_cur = torch.full((shape[0],), timesteps[i], device=device, dtype=torch.long)
+    for i in reversed(range(len(timesteps))):
+        t_cur = torch.full((x.shape[0],), timesteps[i], device=x.device, dtype=torch.long)
         alpha_t, sigma_t = math.sqrt(alphas_cumprod[i]), math.sqrt(1 - alphas_cumprod[i])
-        pred_xstart = clip_xstart((x - sigma_t * model(x, t_cur)) / alpha_t, clip_denoised)
+        pred_xstart = clip_xstart(xstart_from_eps(x, model(x, t_cur), alphas_cumprod[i]), spec.clip_x0)
+        if callback:
+            callback(len(timesteps) - 1 - i, timesteps[i], x, pred_xstart)
         if i == 0:
             return pred_xstart
         alpha_next, sigma_next = math.sqrt(alphas_cumprod[i - 1]), math.sqrt(1 - alphas_cumprod[i - 1])
@@ -1302,20 +1339,14 @@ def save_labelled_grid(images, row_names, path, title=""):
 
 
 class TrajectoryRecorder:
-    """Wraps a noise predictor and keeps, at every call of the sampler, x_t and the x_0 it predicts
-    (held in [-1, 1] by the sampler's clip rule) for the first `rows` images: how a sample forms, for
-    any sampler."""
+    """A sampler callback that keeps x_t and the predicted x_0 (held in [-1, 1]) of the first `rows`
+    images at every step: how a sample forms, for any sampler."""
 
-    def __init__(self, predictor, diffusion, rows, clip="static"):
-        self.predictor, self.alphas_cumprod, self.rows, self.points = predictor, diffusion.alphas_cumprod, rows, []
-        self.clip = clip
+    def __init__(self, rows):
+        self.rows, self.points = rows, []
 
-    def __call__(self, x, t):
-        eps = self.predictor(x, t)
-        abar = self.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)
-        x0 = clip_xstart((x - (1 - abar).sqrt() * eps) / abar.sqrt(), self.clip).clamp(-1, 1)
-        self.points.append((int(t[0]), x[:self.rows].cpu(), x0[:self.rows].cpu()))
-        return eps
+    def __call__(self, step, t, x_t, x0):
+        self.points.append((t, x_t[:self.rows].cpu(), x0[:self.rows].clamp(-1, 1).cpu()))
 
 
 def save_trajectory(points, final, path, columns=10):
@@ -1344,29 +1375,25 @@ def save_trajectory(points, final, path, columns=10):
     os.replace(tmp, path)
 
 
-def generate_samples(model, diffusion, cfg, num_samples, batch_size, sampler, steps, eta, var_type,
-                     seed, clip_denoised=True, timestep_spacing=None, procs=Processes(), classes=None,
-                     guidance_scale=1.0):
-    """num_samples images as uint8 (N, H, W, C), generated batch by batch with a progress bar;
-    image i of class classes[i] (with guidance) when classes (N,) are given.
+def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classes=None, procs=Processes()):
+    """shape[0] images of shape[1:] as uint8 (N, H, W, C), drawn as the SamplingSpec says, batch by
+    batch with a progress bar; image i of class classes[i] when classes (N,) are given.
 
     Batch k draws its noise from (seed, k) alone, so the images do not depend on how many processes
     share the work: under torchrun rank r makes batches r, r + world, ... and every rank gets all.
     """
-    device = diffusion.betas.device
+    num_samples, device = shape[0], diffusion.betas.device
     generator = torch.Generator(device=device)
     starts = range(0, num_samples, batch_size)
     mine = {}
-    with tqdm(total=num_samples, desc=f"sampling ({sampler}, {steps} steps)", unit="img") as bar:
+    desc = f"sampling ({spec.sampler}, {spec.steps or diffusion.num_timesteps} steps)"
+    with tqdm(total=num_samples, desc=desc, unit="img") as bar:
         for k in range(procs.rank, len(starts), procs.world):
-            shape = (min(batch_size, num_samples - starts[k]), 3, cfg.image_size, cfg.image_size)
+            batch = (min(batch_size, num_samples - starts[k]), *shape[1:])
             generator.manual_seed(derived_seed(seed, k, SAMPLE_BATCH))
-            labels = None if classes is None else classes[starts[k]:starts[k] + shape[0]]
-            x = diffusion.sample(model, shape, sampler=sampler, steps=steps, eta=eta, generator=generator,
-                                 clip_denoised=clip_denoised, var_type=var_type, timestep_spacing=timestep_spacing,
-                                 classes=labels, guidance_scale=guidance_scale)
-            mine[k] = to_uint8(x)
-            bar.update(shape[0] * procs.world)  # the others progress alike
+            labels = None if classes is None else classes[starts[k]:starts[k] + batch[0]]
+            mine[k] = to_uint8(diffusion.sample(model, batch, spec, generator=generator, classes=labels))
+            bar.update(batch[0] * procs.world)  # the others progress alike
     batches = {k: images for part in procs.gather(mine) for k, images in part.items()}
     return np.concatenate([batches[k] for k in range(len(starts))])
 
@@ -2670,15 +2697,13 @@ def preview_labels(class_names, per_class):
     return torch.arange(len(class_names)).repeat_interleave(per_class) if class_names else None
 
 
-def write_preview(paths, ema_model, diffusion, noise, steps, epoch, classes=None, guidance_scale=1.0,
-                  class_names=(), clip_x0="static"):
-    """A grid of DDIM samples from the fixed preview noise: (its PNG path, the images in [-1, 1]).
-    A class-conditional model's grid has a row per class, named in the picture."""
-    images = diffusion.sample(ema_model, noise.shape, sampler="ddim", steps=steps, noise=noise,
-                              clip_denoised=clip_x0, classes=classes, guidance_scale=guidance_scale)
+def write_preview(paths, ema_model, diffusion, noise, spec, epoch, classes=None, class_names=()):
+    """A grid of samples (SamplingSpec.for_previews) from the fixed preview noise: (its PNG path, the
+    images in [-1, 1]). A class-conditional model's grid has a row per class, named in the picture."""
+    images = diffusion.sample(ema_model, noise.shape, spec, noise=noise, classes=classes)
     path = paths.samples / f"epoch_{epoch:04d}.png"
     if class_names:
-        save_labelled_grid(images, class_names, path, title=f"w = {guidance_scale:g}")
+        save_labelled_grid(images, class_names, path, title=f"w = {spec.guidance_scale:g}")
     else:
         save_grid(images, path)
     return path, images
@@ -2689,25 +2714,19 @@ class FidDuringTraining:
     against the whole training set (statistics cached beside the runs), logged to fid_log.csv. A
     class-conditional model is scored on samples of every class in turn, at --guidance_scale."""
 
-    STEPS = 20
-
     def __init__(self, cfg, paths, device, class_names=()):
         self.cfg, self.paths, self.device = cfg, paths, device
         self.classes = torch.arange(cfg.fid_samples) % len(class_names) if class_names else None
+        self.spec = SamplingSpec.for_fid(cfg, bool(class_names))
         self.extractor = build_fid_inception(cfg.fid_weights or None, device)
         self.reference, self.reference_name = reference_images(cfg, cfg.data_dir)
 
     def __call__(self, ema_model, diffusion, step):
-        steps = min(self.STEPS, self.cfg.timesteps)
-        scale = self.cfg.guidance_scale if self.classes is not None else 1.0
-        images = generate_samples(ema_model, diffusion, self.cfg, self.cfg.fid_samples, self.cfg.batch_size,
-                                  "dpmpp2m", steps, 0.0, "fixedlarge", self.cfg.seed, clip_denoised=self.cfg.clip_x0,
-                                  classes=self.classes, guidance_scale=scale)
-        info = dict(checkpoint="(training)", step=step, sampler="dpmpp2m", steps=steps, eta=0.0,
-                    classes="" if self.classes is None else "all", guidance_scale="" if self.classes is None else
-                    f"{scale:g}",
-                    spacing=DEFAULT_SPACING["dpmpp2m"], clip=self.cfg.clip_x0, source="ema",
-                    precision=precision_name(ema_model.dtype))
+        shape = (self.cfg.fid_samples, 3, self.cfg.image_size, self.cfg.image_size)
+        images = generate_samples(ema_model, diffusion, self.spec, shape, self.cfg.seed, self.cfg.batch_size,
+                                  self.classes)
+        info = dict(self.spec.log_row(self.classes is not None), checkpoint="(training)", step=step, source="ema",
+                    classes="" if self.classes is None else "all", precision=precision_name(ema_model.dtype))
         scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
                               self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
                               info, self.device)
@@ -2953,9 +2972,9 @@ def run_epochs(run, resume_from=None):
                                                     epoch_done, finished)
                     finished = finished or stop
                 if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished) and not signals.received:
-                    preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise, cfg.preview_steps,
-                                                  epoch_done, preview_classes, cfg.guidance_scale, run.class_names,
-                                                  cfg.clip_x0)
+                    preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise,
+                                                  SamplingSpec.for_previews(cfg), epoch_done, preview_classes,
+                                                  run.class_names)
                     board.image("preview", grid, state.step)
                     tqdm.write(f"preview: {preview}")
                 # save
@@ -3210,6 +3229,34 @@ def checked_sampling_steps(args, cfg):
     return steps
 
 
+class SamplingJob(NamedTuple):
+    """What --mode sample and eval draw: the checkpoint's config, the SamplingSpec from the flags,
+    the labels (N,) or None, the seed, and the classes' name in file names ("" without classes)."""
+    cfg: Config
+    spec: SamplingSpec
+    classes: Optional[torch.Tensor]
+    seed: int
+    class_label: str
+
+
+def sampling_job(args, ckpt, num_samples):
+    """The SamplingJob of the flags, every flag checked before any work: each flag left out takes
+    the checkpoint's value (seed, --clip_x0, --guidance_scale) or the sampler's default."""
+    cfg = config_from_dict(ckpt["config"])
+    steps = checked_sampling_steps(args, cfg)
+    classes, scale = sampling_classes(args, ckpt, cfg, num_samples)
+    spec = SamplingSpec(args.sampler, steps, args.timestep_spacing or "", args.eta, args.var_type,
+                        cfg.clip_x0 if args.clip_x0 is None else args.clip_x0, scale)
+    return SamplingJob(cfg, spec, classes, cfg.seed if args.seed is None else args.seed,
+                       "" if classes is None else args.class_label or "all")
+
+
+def draw_job(model, diffusion, job, num_samples, args, procs):
+    """The job's num_samples images, uint8 (N, H, W, 3), batch by batch (--batch_size, default 128)."""
+    shape = (num_samples, 3, job.cfg.image_size, job.cfg.image_size)
+    return generate_samples(model, diffusion, job.spec, shape, job.seed, args.batch_size or 128, job.classes, procs)
+
+
 def sampling_classes(args, ckpt, cfg, num_samples):
     """(labels (N,) or None, guidance scale) for --class_label and --guidance_scale, checked before any
     work: 'all' (the default of a class-conditional model) is every class in class order, as equally
@@ -3283,34 +3330,22 @@ def run_sample(args):
         if torchrun_processes().main:
             export_weights(args, ckpt)
         return
-    steps = checked_sampling_steps(args, config_from_dict(ckpt["config"]))
-    classes, scale = sampling_classes(args, ckpt, config_from_dict(ckpt["config"]), args.num_samples)
+    job = sampling_job(args, ckpt, args.num_samples)
+    cfg, spec, classes = job.cfg, job.spec, job.classes
     if args.out:
         check_writable_folder(args.out, "--out")
     device, procs = init_processes(args.device or "auto")
-    model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
-    seed = cfg.seed if args.seed is None else args.seed
-    clip = cfg.clip_x0 if args.clip_x0 is None else args.clip_x0
+    model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
           f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters")
 
-    images = generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size or 128, args.sampler,
-                              steps, args.eta, args.var_type, seed, clip_denoised=clip,
-                              timestep_spacing=args.timestep_spacing, procs=procs, classes=classes,
-                              guidance_scale=scale)
+    images = draw_job(model, diffusion, job, args.num_samples, args, procs)
     if not procs.main:
         return
     out.mkdir(parents=True, exist_ok=True)
-    suffix = {"ddim": f"_eta{args.eta:g}", "ddpm": f"_{args.var_type}", "dpmpp2m": ""}[args.sampler]
-    if args.timestep_spacing:
-        suffix += f"_{args.timestep_spacing}"
-    if clip != "static":
-        suffix += f"_clip{clip}"
     names = list(ckpt.get("class_names") or ())
-    if classes is not None:
-        suffix += f"_{args.class_label or 'all'}_w{scale:g}"
-    stem = unique_stem(out, f"samples_{args.sampler}{steps}{suffix}_seed{seed}")
+    stem = unique_stem(out, f"samples_{spec.name(job.class_label)}_seed{job.seed}")
     np.savez(out / f"{stem}.npz", images)  # arr_0: uint8 (N, H, W, 3)
     folder = out / stem
     folder.mkdir()
@@ -3318,9 +3353,10 @@ def run_sample(args):
         Image.fromarray(img).save(folder / f"{i:05d}.png")
     as_float = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
     drawn, counts = (None, None) if classes is None else (t.tolist() for t in classes.unique(return_counts=True))
-    if classes is not None and (args.class_label or "all") == "all":  # a row per class drawn, named
+    if job.class_label == "all":  # a row per class drawn, named
         rows = np.concatenate([images[classes.numpy() == c][:min(10, *counts)] for c in drawn])
-        save_labelled_grid(as_float(rows), [names[c] for c in drawn], out / f"{stem}_grid.png", title=f"w = {scale:g}")
+        save_labelled_grid(as_float(rows), [names[c] for c in drawn], out / f"{stem}_grid.png",
+                           title=f"w = {spec.guidance_scale:g}")
     else:
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
@@ -3331,12 +3367,10 @@ def run_sample(args):
         write_nearest(args, cfg, images[:10], out / f"{stem}_nearest.png", device)
     if args.trajectory:
         rows = min(4, args.num_samples)
-        predictor = model if classes is None else guided_noise_predictor(model, classes[:rows], scale)
-        recorder = TrajectoryRecorder(predictor, diffusion, rows, clip)
-        generator = torch.Generator(device=device).manual_seed(derived_seed(seed, 0, SAMPLE_BATCH))
-        final = diffusion.sample(recorder, (rows, 3, cfg.image_size, cfg.image_size), sampler=args.sampler,
-                                 steps=steps, eta=args.eta, generator=generator, var_type=args.var_type,
-                                 clip_denoised=clip, timestep_spacing=args.timestep_spacing)
+        recorder = TrajectoryRecorder(rows)
+        generator = torch.Generator(device=device).manual_seed(derived_seed(job.seed, 0, SAMPLE_BATCH))
+        final = diffusion.sample(model, (rows, 3, cfg.image_size, cfg.image_size), spec, generator=generator,
+                                 classes=None if classes is None else classes[:rows], callback=recorder)
         save_trajectory(recorder.points, final.cpu(), out / f"{stem}_trajectory.png")
         print(f"wrote {out / (stem + '_trajectory.png')}")
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
@@ -3385,9 +3419,9 @@ def run_eval(args):
     if args.checkpoint:
         path = resolve_checkpoint_path(args.checkpoint)
         ckpt = read_checkpoint(path)
-        cfg, run_dir, step = config_from_dict(ckpt["config"]), path if path.is_dir() else path.parent, ckpt["step"]
-        steps = checked_sampling_steps(args, cfg)
-        classes, scale = sampling_classes(args, ckpt, cfg, num_samples)
+        run_dir, step = path if path.is_dir() else path.parent, ckpt["step"]
+        job = sampling_job(args, ckpt, num_samples)
+        cfg = job.cfg
     else:
         path, step = None, ""
         cfg = Config(**{k: getattr(args, k) for k in ("dataset", "image_size") if getattr(args, k) is not None})
@@ -3397,17 +3431,9 @@ def run_eval(args):
         images = load_npz_images(args.eval_npz)
         info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
     else:
-        model, diffusion, cfg = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
-        seed = cfg.seed if args.seed is None else args.seed
-        clip = cfg.clip_x0 if args.clip_x0 is None else args.clip_x0
-        images = generate_samples(model, diffusion, cfg, num_samples, args.batch_size or 128, args.sampler, steps,
-                                  args.eta, args.var_type, seed, clip_denoised=clip,
-                                  timestep_spacing=args.timestep_spacing, procs=procs, classes=classes,
-                                  guidance_scale=scale)
-        info = dict(checkpoint=path, step=step, sampler=args.sampler, steps=steps, eta=args.eta,
-                    classes="" if classes is None else (args.class_label or "all"),
-                    guidance_scale="" if classes is None else f"{scale:g}",
-                    spacing=args.timestep_spacing or DEFAULT_SPACING[args.sampler], clip=clip,
+        model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
+        images = draw_job(model, diffusion, job, num_samples, args, procs)
+        info = dict(job.spec.log_row(job.classes is not None), checkpoint=path, step=step, classes=job.class_label,
                     source=sampling_weights(ckpt, not args.no_ema), precision=precision_name(model.dtype))
     if not procs.main:
         return

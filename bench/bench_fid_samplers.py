@@ -86,8 +86,8 @@ def score_grid(args, model, diffusion, cfg, extractor, device, mu, sigma, refere
     rows = []
     for sampler, steps in parse_grid(args.grid, cfg.timesteps):
         start = time.perf_counter()
-        samples = td.generate_samples(model, diffusion, cfg, args.num_samples, args.batch_size, sampler, steps,
-                                      0.0, "fixedlarge", args.seed, clip_denoised=clip)
+        samples = td.generate_samples(model, diffusion, td.SamplingSpec(sampler, steps, clip_x0=clip),
+                                      (args.num_samples, 3, cfg.image_size, cfg.image_size), args.seed, args.batch_size)
         seconds = time.perf_counter() - start
         activations = td.compute_activations(samples, extractor, device=device)
         fid = td.frechet_distance(*td.activation_statistics(activations), mu, sigma)

@@ -32,8 +32,7 @@ def errors(diffusion, sampler, steps, spacing=None):
     x_mix = torch.randn((1000, 3, 2, 2), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
     def run(predictor, x, sampler, steps):
-        return diffusion.sample(predictor, x.shape, sampler=sampler, steps=steps, noise=x, clip_denoised=False,
-                                timestep_spacing=spacing)
+        return diffusion.sample(predictor, x.shape, td.SamplingSpec(sampler, steps, spacing or "", clip_x0="none"), noise=x)
     reference = run(mixture, x_mix, "ddim", diffusion.num_timesteps)
     return ((run(gaussian, x_T, sampler, steps) - exact).abs().max().item(),
             (run(mixture, x_mix, sampler, steps) - reference).pow(2).mean().sqrt().item())

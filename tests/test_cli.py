@@ -718,7 +718,7 @@ def test_cli_samples_come_from_the_ema_weights_unless_no_ema(trained, tmp_path):
     raw_images = sample_npz(trained, tmp_path, "--no_ema")
     for use_ema, images in ((True, ema_images), (False, raw_images)):
         model, diffusion, cfg = train_ddpm.load_checkpoint(trained.run_dir / "latest.pt", use_ema=use_ema)
-        expected = train_ddpm.generate_samples(model, diffusion, cfg, 4, 128, "ddpm", 5, 0.0, "fixedlarge", seed=3)
+        expected = train_ddpm.generate_samples(model, diffusion, train_ddpm.SamplingSpec("ddpm", 5), (4, 3, 32, 32), 3)
         assert np.array_equal(images, expected), f"use_ema={use_ema}"
     assert not np.array_equal(ema_images, raw_images)
 
@@ -754,8 +754,8 @@ def test_seed_aliases_and_boolean_flags_reach_the_saved_config_the_model_and_its
                               (("--clip_x0", "static"), "static", "samples_ddim5_eta0_seed3.npz")):
         assert_ok(run_cli("--mode", "sample", "--checkpoint", run_dir, "--sampler", "ddim", "--sampling_steps", "5",
                           "--num_samples", "4", "--seed", "3", "--out", "s", *flags, cwd=tmp_path))
-        expected = train_ddpm.generate_samples(model, diffusion, cfg, 4, 128, "ddim", 5, 0.0, "fixedlarge", seed=3,
-                                               clip_denoised=clip)
+        expected = train_ddpm.generate_samples(model, diffusion, train_ddpm.SamplingSpec("ddim", 5, clip_x0=clip),
+                                               (4, 3, cfg.image_size, cfg.image_size), 3)
         assert np.array_equal(np.load(tmp_path / "s" / name)["arr_0"], expected), clip
 
 

@@ -49,11 +49,12 @@ def sampling_unet(num_classes=0):
     return model
 
 
-def sample_on_both(model, x_T, **options):
-    """(GPU, CPU) samples of model from the same x_T."""
+def sample_on_both(model, x_T, classes=None, **options):
+    """(GPU, CPU) samples of model from the same x_T, drawn as td.SamplingSpec(**options) says."""
+    spec = td.SamplingSpec(**options)
     with torch.no_grad():
-        cpu = diffusion().sample(model.cpu(), x_T.shape, noise=x_T, **options)
-        gpu = diffusion().to(CUDA).sample(model.to(CUDA), x_T.shape, noise=x_T.to(CUDA), **options)
+        cpu = diffusion().sample(model.cpu(), x_T.shape, spec, noise=x_T, classes=classes)
+        gpu = diffusion().to(CUDA).sample(model.to(CUDA), x_T.shape, spec, noise=x_T.to(CUDA), classes=classes)
     model.cpu()
     assert gpu.device.type == "cuda"
     return gpu.cpu(), cpu
@@ -262,7 +263,7 @@ def test_ancestral_sampling_in_fewer_steps_on_the_gpu_takes_the_cpu_chain(var_ty
         monkeypatch.setattr(torch, "randn", randn)
         try:
             with torch.no_grad():
-                x = diffusion().to(where).sample(model.to(where), x_T.shape, "ddpm", 10, var_type=var_type,
+                x = diffusion().to(where).sample(model.to(where), x_T.shape, td.SamplingSpec("ddpm", 10, var_type=var_type),
                                                  noise=x_T.to(where))
         finally:
             monkeypatch.undo()
@@ -274,7 +275,7 @@ def test_ancestral_sampling_in_fewer_steps_on_the_gpu_takes_the_cpu_chain(var_ty
     torch.testing.assert_close(gpu.cpu(), cpu, atol=2e-3, rtol=0)
     # and as generate_samples draws it: x_T and the noise from a CUDA generator
     with torch.no_grad():
-        x = diffusion().to(CUDA).sample(model.to(CUDA), (4, 3, 16, 16), "ddpm", 10, var_type=var_type,
+        x = diffusion().to(CUDA).sample(model.to(CUDA), (4, 3, 16, 16), td.SamplingSpec("ddpm", 10, var_type=var_type),
                                         generator=torch.Generator(CUDA).manual_seed(0))
     model.cpu()
     assert x.device.type == "cuda" and x.shape == (4, 3, 16, 16)
@@ -284,10 +285,10 @@ def test_ancestral_sampling_in_fewer_steps_on_the_gpu_takes_the_cpu_chain(var_ty
 def test_dynamic_thresholding_on_the_gpu_draws_the_cpu_images_for_a_fixed_x_t():
     model, x_T = sampling_unet(), fixed_x_t()
     for sampler, steps in (("ddim", 20), ("dpmpp2m", 10)):
-        gpu, cpu = sample_on_both(model, x_T, sampler=sampler, steps=steps, clip_denoised="dynamic")
+        gpu, cpu = sample_on_both(model, x_T, sampler=sampler, steps=steps, clip_x0="dynamic")
         torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0, msg=sampler)
         with torch.no_grad():
-            static = diffusion().sample(model, x_T.shape, sampler, steps, noise=x_T)
+            static = diffusion().sample(model, x_T.shape, td.SamplingSpec(sampler, steps), noise=x_T)
         assert (cpu - static).abs().max() > 0.01, "the thresholds were above 1: dynamic differs from static"
 
 

@@ -194,35 +194,38 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_s
 
 
 @pytest.mark.parametrize("steps, spacing, var_type, clip", [
-    (None, "uniform", "fixedlarge", True), (50, "uniform", "fixedsmall", True), (40, "uniform", "fixedlarge", False)])
+    (None, "uniform", "fixedlarge", "static"), (50, "uniform", "fixedsmall", "static"),
+    (40, "uniform", "fixedlarge", "none")])
 def test_ddpm_takes_the_steps_of_diffusers_ddpm_scheduler(steps, spacing, var_type, clip):
     # Grids that end at t = 0 only: on one that ends above it (trailing), diffusers adds noise at the
     # last step too ("if t > 0"), where the reverse chain's last step is its mean.
     diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 1000))
     model = shared_model(diffusion)
     x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    theirs = diffusers.DDPMScheduler(**SCHEDULE, variance_type=var_type.replace("fixed", "fixed_"), clip_sample=clip,
+    theirs = diffusers.DDPMScheduler(**SCHEDULE, variance_type=var_type.replace("fixed", "fixed_"),
+                                     clip_sample=clip == "static",
                                      timestep_spacing="linspace" if spacing == "uniform" else spacing)
     theirs.set_timesteps(steps or 1000)
     ours_timesteps = td.strided_timesteps(1000, steps or 1000, spacing, diffusion.alphas_cumprod)
     assert theirs.timesteps.flip(0).tolist() == ours_timesteps.tolist()
     want = diffusers_loop(theirs, model, x_T, seed=5)
-    got = diffusion.sample(model, x_T.shape, sampler="ddpm", steps=steps, noise=x_T, var_type=var_type,
-                           clip_denoised=clip, timestep_spacing=spacing, generator=torch.Generator().manual_seed(5))
+    got = diffusion.sample(model, x_T.shape, td.SamplingSpec("ddpm", steps or 0, spacing, var_type=var_type, clip_x0=clip),
+                           noise=x_T, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
-@pytest.mark.parametrize("eta, clip", [(0.0, False), (1.0, True)])
+@pytest.mark.parametrize("eta, clip", [(0.0, "none"), (1.0, "static")])
 def test_ddim_takes_the_steps_of_diffusers_ddim_scheduler(eta, clip):
     diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 1000))
     model = shared_model(diffusion)
     x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
     # diffusers' DDIM always steps back by T // K, so the shared grid is the trailing one
-    theirs = diffusers.DDIMScheduler(**SCHEDULE, clip_sample=clip, set_alpha_to_one=True, timestep_spacing="trailing")
+    theirs = diffusers.DDIMScheduler(**SCHEDULE, clip_sample=clip == "static", set_alpha_to_one=True,
+                                     timestep_spacing="trailing")
     theirs.set_timesteps(50)
     want = diffusers_loop(theirs, model, x_T, seed=5, eta=eta, use_clipped_model_output=True)
-    got = diffusion.sample(model, x_T.shape, sampler="ddim", steps=50, eta=eta, noise=x_T, clip_denoised=clip,
-                           timestep_spacing="trailing", generator=torch.Generator().manual_seed(5))
+    got = diffusion.sample(model, x_T.shape, td.SamplingSpec("ddim", 50, "trailing", eta=eta, clip_x0=clip), noise=x_T,
+                           generator=torch.Generator().manual_seed(5))
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
@@ -246,7 +249,7 @@ def test_dynamic_thresholding_takes_the_steps_of_diffusers_thresholding(sampler)
     elif sampler == "ddim":
         theirs = diffusers.DDIMScheduler(**SCHEDULE, set_alpha_to_one=True, timestep_spacing="trailing", **clip)
         theirs.set_timesteps(50)
-        ours = dict(steps=50, timestep_spacing="trailing")
+        ours = dict(steps=50, spacing="trailing")
     else:
         del clip["clip_sample"], clip["clip_sample_range"]  # DPM-Solver has thresholding only
         theirs = diffusers.DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="dpmsolver++", solver_order=2,
@@ -254,8 +257,8 @@ def test_dynamic_thresholding_takes_the_steps_of_diffusers_thresholding(sampler)
         theirs.set_timesteps(timesteps=td.strided_timesteps(1000, 20, "logsnr", diffusion.alphas_cumprod).flip(0).tolist())
         ours = dict(steps=20)
     want = diffusers_loop(theirs, model, x_T, seed=5, **({"use_clipped_model_output": True} if sampler == "ddim" else {}))
-    run = lambda clip: diffusion.sample(model, x_T.shape, sampler=sampler, noise=x_T, clip_denoised=clip,  # noqa: E731
-                                        generator=torch.Generator().manual_seed(5), **ours)
+    run = lambda clip: diffusion.sample(model, x_T.shape, td.SamplingSpec(sampler, clip_x0=clip, **ours),  # noqa: E731
+                                        noise=x_T, generator=torch.Generator().manual_seed(5))
     got = run("dynamic")
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
     assert (got - run("static")).abs().max() > 0.1  # the data is out of range: the rules differ here
@@ -273,7 +276,7 @@ def test_dpm_solver_takes_the_steps_of_diffusers_dpm_solver_multistep_2m(schedul
                                                    solver_type="midpoint", final_sigmas_type="zero")
     theirs.set_timesteps(timesteps=ours_timesteps.flip(0).tolist())  # diffusers' own grids differ in detail
     want = diffusers_loop(theirs, model, x_T, seed=5)
-    got = diffusion.sample(model, x_T.shape, sampler="dpmpp2m", steps=20, noise=x_T, clip_denoised=False)
+    got = diffusion.sample(model, x_T.shape, td.SamplingSpec("dpmpp2m", 20, clip_x0="none"), noise=x_T)
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
@@ -391,7 +394,7 @@ def test_a_checkpoint_from_before_the_paper_padding_and_eps_still_samples_as_it_
 
     def sample_with(net):
         generator = torch.Generator().manual_seed(td.derived_seed(cfg.seed, 0, td.SAMPLE_BATCH))
-        x = td.build_diffusion(cfg).sample(net, (4, 3, 32, 32), sampler="ddim", steps=5, generator=generator)
+        x = td.build_diffusion(cfg).sample(net, (4, 3, 32, 32), td.SamplingSpec("ddim", 5), generator=generator)
         return td.to_uint8(x).astype(int)
 
     assert np.abs(sample_with(lambda x, t: legacy(x, t).sample) - samples).max() <= 1

@@ -179,7 +179,7 @@ def test_p_mean_variance_with_the_true_noise_gives_the_posterior_mean_and_the_ch
     noise = torch.tensor([1.0, -0.5, 0.3, -2.0], dtype=torch.float64).view(4, 1, 1, 1)
     xt = diffusion.q_sample(x0, t, noise)
     for var_type in ("fixedlarge", "fixedsmall"):
-        mean, logvar = diffusion.p_mean_variance(noise, xt, t, clip_denoised=False, var_type=var_type)
+        mean, logvar, _ = diffusion.p_mean_variance(noise, xt, t, clip_x0="none", var_type=var_type)
         for i, ti in enumerate(t.tolist()):
             if ti == 0:
                 assert mean[i].item() == pytest.approx(x0[i].item(), abs=1e-12)
@@ -198,7 +198,8 @@ def test_p_mean_variance_clips_the_predicted_clean_image_to_minus_one_one():
     xt = torch.full((1, 1, 1, 1), 0.8, dtype=torch.float64)
     abar = np.prod(1 - betas[:51])
     eps = (xt - math.sqrt(abar) * 3.0) / math.sqrt(1 - abar)
-    mean, _ = diffusion.p_mean_variance(eps, xt, t, clip_denoised=True)
+    mean, _, x_0 = diffusion.p_mean_variance(eps, xt, t, clip_x0="static")
+    assert x_0.item() == 1.0
     m_exact, _ = bayes_posterior(1.0, 0.8, 50, betas)
     assert mean.item() == pytest.approx(m_exact, rel=1e-9)
 
@@ -299,7 +300,7 @@ def mixture_samples(n, seed, **sample_kwargs):
     model = MixtureEps(MIXTURE_POINTS, np.cumprod(1 - paper_linear_betas()))
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, 1, 2, 2), generator=g, dtype=torch.float64)
-    x = diffusion.sample(model, (n, 1, 2, 2), generator=g, noise=noise, **sample_kwargs)
+    x = diffusion.sample(model, (n, 1, 2, 2), td.SamplingSpec(**sample_kwargs), generator=g, noise=noise)
     assert x.shape == (n, 1, 2, 2)
     return x
 
@@ -330,7 +331,7 @@ def test_sampling_a_three_channel_point_dataset_reaches_every_point_in_equal_sha
     points = torch.tensor(np.random.default_rng(3).uniform(-0.9, 0.9, (3, 3, 2, 2)))
     diffusion = linear_diffusion()
     model = MixtureEps(points, np.cumprod(1 - paper_linear_betas()))
-    x = diffusion.sample(model, (3000, 3, 2, 2), sampler="ddpm", steps=200,
+    x = diffusion.sample(model, (3000, 3, 2, 2), td.SamplingSpec("ddpm", 200),
                          noise=torch.randn(3000, 3, 2, 2, dtype=torch.float64),
                          generator=torch.Generator().manual_seed(5))
     assert_samples_are_the_points_in_equal_shares(x, points)
@@ -339,7 +340,7 @@ def test_sampling_a_three_channel_point_dataset_reaches_every_point_in_equal_sha
 def test_ddpm_sampling_works_in_float32_from_internal_noise():
     diffusion = linear_diffusion()
     model = MixtureEps(MIXTURE_POINTS, np.cumprod(1 - paper_linear_betas()))
-    x = diffusion.sample(model, (2000, 1, 2, 2), sampler="ddpm", steps=100, generator=torch.Generator().manual_seed(2))
+    x = diffusion.sample(model, (2000, 1, 2, 2), td.SamplingSpec("ddpm", 100), generator=torch.Generator().manual_seed(2))
     assert x.dtype == torch.float32
     assert_samples_are_the_points_in_equal_shares(x, MIXTURE_POINTS, tol=1e-3)
 
@@ -352,8 +353,8 @@ def gaussian_samples(n, seed, **sample_kwargs):
     model = GaussianEps(GAUSS_MU, GAUSS_S, np.cumprod(1 - paper_linear_betas()))
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, 3, 2, 2), generator=g, dtype=torch.float64)
-    return diffusion.sample(model, (n, 3, 2, 2), generator=g, noise=noise, clip_denoised=False,
-                            **sample_kwargs).flatten()
+    return diffusion.sample(model, (n, 3, 2, 2), td.SamplingSpec(clip_x0="none", **sample_kwargs), generator=g,
+                            noise=noise).flatten()
 
 
 @pytest.mark.parametrize("sample_kwargs", [
@@ -435,10 +436,10 @@ def test_ddim_with_eta_one_is_ddpm_with_the_posterior_variance_on_the_same_steps
     diffusion = linear_diffusion()
     model = MixtureEps(MIXTURE_POINTS, np.cumprod(1 - paper_linear_betas()))
     noise = torch.randn(64, 1, 2, 2, dtype=torch.float64)
-    ddim = diffusion.sample(model, noise.shape, sampler="ddim", steps=40, eta=1.0, noise=noise,
-                            generator=torch.Generator().manual_seed(9), clip_denoised=False)
-    ddpm = diffusion.sample(model, noise.shape, sampler="ddpm", steps=40, var_type="fixedsmall", noise=noise,
-                            generator=torch.Generator().manual_seed(9), clip_denoised=False)
+    ddim = diffusion.sample(model, noise.shape, td.SamplingSpec("ddim", 40, eta=1.0, clip_x0="none"), noise=noise,
+                            generator=torch.Generator().manual_seed(9))
+    ddpm = diffusion.sample(model, noise.shape, td.SamplingSpec("ddpm", 40, var_type="fixedsmall", clip_x0="none"),
+                            noise=noise, generator=torch.Generator().manual_seed(9))
     torch.testing.assert_close(ddim, ddpm, rtol=1e-6, atol=1e-6)
 
 
@@ -456,7 +457,7 @@ def test_ddim_step_from_a_clipped_clean_image_uses_the_noise_that_points_back_to
         return torch.zeros_like(x)
 
     x_T = torch.tensor([-0.5, -2.0, -0.1], dtype=torch.float64).view(3, 1, 1, 1)
-    out = diffusion.sample(model, x_T.shape, sampler="ddim", steps=2, eta=0.0, noise=x_T, clip_denoised=True)
+    out = diffusion.sample(model, x_T.shape, td.SamplingSpec("ddim", 2, eta=0.0, clip_x0="static"), noise=x_T)
     eps = (x_T - math.sqrt(abar[-1]) * 1.0) / math.sqrt(1 - abar[-1])
     x_0 = math.sqrt(abar[0]) * 1.0 + math.sqrt(1 - abar[0]) * eps
     expected = (x_0 / math.sqrt(abar[0])).clamp(-1, 1)
@@ -470,11 +471,10 @@ def test_ddim_with_eta_zero_is_deterministic_given_the_noise_whatever_the_genera
     diffusion = linear_diffusion()
     model = GaussianEps(GAUSS_MU, GAUSS_S, diffusion.alphas_cumprod)
     noise = torch.randn(32, 3, 2, 2, dtype=torch.float64)
-    a = diffusion.sample(model, noise.shape, sampler="ddim", steps=25, eta=0.0, noise=noise,
-                         generator=torch.Generator().manual_seed(1))
-    b = diffusion.sample(model, noise.shape, sampler="ddim", steps=25, eta=0.0, noise=noise.clone(),
-                         generator=torch.Generator().manual_seed(12345))
-    c = td.ddim_sample(model, diffusion, noise.shape, steps=25, eta=0.0, noise=noise.clone())
+    spec = td.SamplingSpec("ddim", 25, eta=0.0)
+    a = diffusion.sample(model, noise.shape, spec, noise=noise, generator=torch.Generator().manual_seed(1))
+    b = diffusion.sample(model, noise.shape, spec, noise=noise.clone(), generator=torch.Generator().manual_seed(12345))
+    c = td.ddim_sample(model, diffusion, noise.clone(), spec.timesteps(diffusion), spec)
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -482,7 +482,8 @@ def test_ddpm_with_the_same_generator_seed_repeats_and_with_another_seed_differs
     diffusion = linear_diffusion()
     model = GaussianEps(GAUSS_MU, GAUSS_S, diffusion.alphas_cumprod)
     noise = torch.randn(16, 1, 2, 2, dtype=torch.float64)
-    runs = [td.ddpm_sample(model, diffusion, noise.shape, steps=30, noise=noise, clip_denoised=False,
+    spec = td.SamplingSpec("ddpm", 30, clip_x0="none")
+    runs = [td.ddpm_sample(model, diffusion, noise, spec.timesteps(diffusion), spec,
                            generator=torch.Generator().manual_seed(seed)) for seed in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
@@ -517,7 +518,7 @@ def test_strided_timesteps_outside_one_to_t_raise_value_error(k):
 def test_unknown_sampler_raises_value_error():
     diffusion = linear_diffusion(10)
     with pytest.raises(ValueError):
-        diffusion.sample(lambda x, t: x, (1, 1, 2, 2), sampler="euler")
+        diffusion.sample(lambda x, t: x, (1, 1, 2, 2), td.SamplingSpec(sampler="euler"))
 
 
 # --- 6. UNet and timestep embedding ------------------------------------------------------------------

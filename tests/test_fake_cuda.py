@@ -37,7 +37,7 @@ def test_a_schedule_built_on_cuda_and_its_respaced_chain_stay_on_cuda(kind):
                 assert buffer.device.type == "cuda", name
             x = torch.randn(4, 3, 8, 8, device="cuda")
             t = torch.full((4,), 9, device="cuda", dtype=torch.long)
-            mean, log_variance = chain.p_mean_variance(torch.randn_like(x), x, t, "static", "fixedsmall")
+            mean, log_variance, _ = chain.p_mean_variance(torch.randn_like(x), x, t, "static", "fixedsmall")
             assert mean.device.type == "cuda" and log_variance.device.type == "cuda"
             loss = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, t)
             assert loss.device.type == "cuda"
@@ -66,8 +66,8 @@ def test_every_sampler_runs_on_cuda_without_touching_the_cpu(sampler, clip):
         classes = torch.tensor([0, -1])
         # fewer steps than T (the respaced chain for ddpm), given noise or drawn, unguided or guided
         for noise, guidance in ((None, 1.0), (torch.randn(2, 3, 8, 8), 2.0)):
-            x = diffusion.sample(model, (2, 3, 8, 8), sampler=sampler, steps=5, noise=noise, clip_denoised=clip,
-                                 var_type="fixedsmall", classes=classes, guidance_scale=guidance)
+            spec = td.SamplingSpec(sampler, 5, var_type="fixedsmall", clip_x0=clip, guidance_scale=guidance)
+            x = diffusion.sample(model, (2, 3, 8, 8), spec, noise=noise, classes=classes)
             assert x.shape == (2, 3, 8, 8) and x.device.type == "cuda"
 
 

@@ -54,8 +54,7 @@ def exact_ode_map_for_a_gaussian(diffusion, x_T, mu, s):
 
 
 def run(diffusion, predictor, sampler, steps, x_T, **kw):
-    return diffusion.sample(predictor, x_T.shape, sampler=sampler, steps=steps, noise=x_T,
-                            clip_denoised=False, **kw)
+    return diffusion.sample(predictor, x_T.shape, td.SamplingSpec(sampler, steps, clip_x0="none", **kw), noise=x_T)
 
 
 def test_dpm_solver_at_20_steps_is_as_close_to_the_exact_ode_solution_as_ddim_at_100_for_gaussian_data():
@@ -113,7 +112,7 @@ def test_dpm_solver_clips_its_data_prediction_when_asked():
     diffusion = linear_diffusion()
     predictor = MixturePredictor(diffusion, [[3.0] * 4], [0.1], [1.0])  # data far outside [-1, 1]
     x_T = torch.randn((16, 1, 2, 2), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    clipped = diffusion.sample(predictor, x_T.shape, sampler="dpmpp2m", steps=10, noise=x_T)
+    clipped = diffusion.sample(predictor, x_T.shape, td.SamplingSpec("dpmpp2m", 10), noise=x_T)
     assert clipped.abs().max() <= 1.0
     assert run(diffusion, predictor, "dpmpp2m", 10, x_T).mean() > 2.5
 
@@ -139,8 +138,8 @@ def test_dynamic_thresholding_is_imagens_rule_per_image():
     s = 1.5 + (0.995 * 191 - 190) * (10.0 - 1.5)  # the 99.5th percentile, interpolated between the top two
     np.testing.assert_allclose(got[2].ravel(), np.r_[np.full(191, 1.5 / s), 1.0], rtol=1e-12)
     assert np.abs(got).max() <= 1.0
-    assert td.clip_xstart(torch.from_numpy(x0), True).equal(torch.from_numpy(x0).clamp(-1, 1))
-    assert td.clip_xstart(torch.from_numpy(x0), False).equal(torch.from_numpy(x0))
+    assert td.clip_xstart(torch.from_numpy(x0), "static").equal(torch.from_numpy(x0).clamp(-1, 1))
+    assert td.clip_xstart(torch.from_numpy(x0), "none").equal(torch.from_numpy(x0))
     with pytest.raises(ValueError):
         td.clip_xstart(torch.from_numpy(x0), "percentile")
 
@@ -162,7 +161,7 @@ def test_thresholding_leaves_the_samples_of_an_exact_predictor_for_in_range_data
     diffusion = linear_diffusion()
     predictor = MixturePredictor(diffusion, [[0.6] * 4, [-0.5] * 4, [0.9, -0.9, 0.2, -0.1]], [0.0] * 3, [1 / 3] * 3)
     x_T = torch.randn((256, 1, 2, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
-    runs = {clip: diffusion.sample(predictor, x_T.shape, sampler=sampler, steps=20, noise=x_T, clip_denoised=clip,
+    runs = {clip: diffusion.sample(predictor, x_T.shape, td.SamplingSpec(sampler, 20, clip_x0=clip), noise=x_T,
                                    generator=torch.Generator().manual_seed(8))
             for clip in ("none", "static", "dynamic")}
     assert runs["none"].abs().max() < 1
@@ -198,8 +197,8 @@ def test_every_sampler_with_every_spacing_reproduces_gaussian_data(sampler, spac
     mu, s = -0.2, 0.4
     predictor = MixturePredictor(diffusion, [[mu] * 4], [s], [1.0])
     x_T = torch.randn((4000, 1, 2, 2), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    samples = diffusion.sample(predictor, x_T.shape, sampler=sampler, steps=50, noise=x_T, clip_denoised=False,
-                               timestep_spacing=spacing, generator=torch.Generator().manual_seed(6))
+    samples = diffusion.sample(predictor, x_T.shape, td.SamplingSpec(sampler, 50, spacing, clip_x0="none"), noise=x_T,
+                               generator=torch.Generator().manual_seed(6))
     # 50 steps: the discretisation costs a few percent of the spread; the mean stays put
     assert abs(samples.mean().item() - mu) < 0.01
     assert abs(samples.std().item() / s - 1) < 0.1, samples.std().item()

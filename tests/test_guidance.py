@@ -45,8 +45,8 @@ def diffusion():
 def draw(model, sampler, steps, labels, scale, seed=0):
     chain = diffusion()
     x_T = torch.randn((len(labels), 3, 2, 2), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return chain.sample(model, x_T.shape, sampler=sampler, steps=steps, noise=x_T, clip_denoised=False,
-                        classes=labels, guidance_scale=scale, eta=0.0)
+    return chain.sample(model, x_T.shape, td.SamplingSpec(sampler, steps, clip_x0="none", guidance_scale=scale),
+                        noise=x_T, classes=labels)
 
 
 @pytest.mark.parametrize("sampler, steps", SAMPLERS)
