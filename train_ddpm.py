@@ -286,7 +286,13 @@ def schedule_warning(cfg):
 
 def validate_config(cfg):
     """Range-check every field before any work starts; raise UserError naming the flag."""
-    checks = [
+    for ok, message in _model_checks(cfg) + _run_checks(cfg):
+        if not ok:
+            raise UserError(message)
+
+
+def _model_checks(cfg):
+    return [
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (cfg.image_size >= 4, "--image_size must be at least 4"),
         (cfg.base_channels >= 1, "--base_channels must be positive"),
@@ -301,6 +307,12 @@ def validate_config(cfg):
         (cfg.guidance_scale >= 0, "--guidance_scale must be at least 0"),
         (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
+    ]
+
+
+def _run_checks(cfg):
+    levels = len(cfg.channel_mults) - 1
+    return [
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
         (cfg.weight_decay >= 0, "--weight_decay must be >= 0"),
         (cfg.warmup_steps >= 0, "--warmup_steps must be >= 0"),
@@ -335,17 +347,11 @@ def validate_config(cfg):
         (cfg.keep_last >= 0, "--keep_last must be >= 0 (0 = keep all)"),
         (cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}; choose from {', '.join(PRESETS)}"),
         ("/" not in cfg.run_name and cfg.run_name not in (".", ".."), "--run_name must be a plain name, not a path"),
+        (cfg.schedule_type != "linear" or 0 < cfg.beta_start < cfg.beta_end < 1,
+         f"need 0 < --beta_start < --beta_end < 1 (got {cfg.beta_start:g} and {cfg.beta_end:g})"),
+        (cfg.image_size % 2 ** levels == 0, f"--image_size {cfg.image_size} must be a multiple of {2 ** levels} "
+                                            f"for {len(cfg.channel_mults)} resolution levels"),
     ]
-    if cfg.schedule_type == "linear":
-        checks.append((0 < cfg.beta_start < cfg.beta_end < 1,
-                       f"need 0 < --beta_start < --beta_end < 1 (got {cfg.beta_start:g} and {cfg.beta_end:g})"))
-    levels = len(cfg.channel_mults) - 1
-    checks.append((cfg.image_size % 2 ** levels == 0,
-                   f"--image_size {cfg.image_size} must be a multiple of {2 ** levels} "
-                   f"for {len(cfg.channel_mults)} resolution levels"))
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
 
 
 # --- Data: CIFAR-10 pickles or an image folder, held as one uint8 tensor -------------------------
@@ -2356,11 +2362,12 @@ def reference_images(cfg, data_dir):
     return images.transpose(0, 2, 3, 1), f"folder-{Path(data_dir).resolve().name}"
 
 
-def evaluate_fid(images, reference, reference_name, extractor, cache_dir, log_path, info, device="cpu",
-                 batch_size=200):
+def evaluate_fid(images, reference, reference_name, extractor, run_dir, info, device="cpu", batch_size=200):
     """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
-    are cached in cache_dir (keyed by name and size); appends a row to log_path. Returns the scores."""
-    cache = Path(cache_dir) / reference_cache_name(reference_name, len(reference))
+    are cached beside the run folder, in fid_stats/ (keyed by name and size); appends a row to the
+    run's fid_log.csv. Returns the scores."""
+    log_path = Path(run_dir) / "fid_log.csv"
+    cache = Path(run_dir).parent / "fid_stats" / reference_cache_name(reference_name, len(reference))
     stats = reference_statistics(reference, extractor, cache, batch_size, device)
     scores = fid_kid(images, stats, extractor, batch_size, device)
     row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
@@ -2451,16 +2458,17 @@ def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None)
     return torch.where(drop[shard], -1, y)
 
 
-def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, grad_clip, procs=Processes(),
-               y=None, micro_batches=1):
-    """One optimizer update on L_simple (Algorithm 1), skipped when the loss or the gradient is not
-    finite. `forward` calls the model (under autocast, DDP, compile); `model` holds the parameters.
+def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Processes(), micro_batches=1):
+    """One optimizer update on L_simple (Algorithm 1) of a Batch, skipped when the loss or the
+    gradient is not finite. `forward` calls the model (under autocast, DDP, compile); the optimizer
+    holds its parameters.
     With micro_batches K > 1 (--grad_accum) the batch runs as K forward and backward passes whose
     gradients add up to the whole batch's, with the same t and noise per image: the same update to
     float rounding, in 1/K of the activation memory. Under DDP the gradients are all-reduced once,
     in the last backward. Returns device tensors, so nothing waits for the GPU: the grad norm, the
     per-image losses (B,) and whether the step was skipped."""
     optimizer.zero_grad(set_to_none=True)
+    x_start, t, noise, y = batch
     labels = (None,) * micro_batches if y is None else y.tensor_split(micro_batches)
     parts = zip(x_start.tensor_split(micro_batches), t.tensor_split(micro_batches),
                 noise.tensor_split(micro_batches), labels)
@@ -2474,7 +2482,8 @@ def train_step(forward, model, diffusion, x_start, t, noise, optimizer, scaler, 
         losses.append(part.detach())
     losses = torch.cat(losses) if micro_batches > 1 else losses[0]
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     # Gradients are already averaged over the ranks, but a loss can be infinite on one rank alone.
     bad = procs.sum_((~torch.isfinite(losses).all()).float().reshape(1)) + ~torch.isfinite(grad_norm)
     bad = bad.reshape(()) > 0
@@ -2496,28 +2505,73 @@ def step_unless(bad, optimizer, scaler):
         optimizer.step()
 
 
+class Batch(NamedTuple):
+    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, and their labels
+    (-1 = no class) or None."""
+    x_start: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    y: Optional[torch.Tensor] = None
+
+
 @dataclass
 class TrainState:
+    """Everything a training checkpoint holds, as one object: the UNet (parameters and state dict),
+    its EMA, the optimizer, the LR schedule, the fp16 loss scaler, the meter's unfinished log
+    interval and the counters. state_dict(epoch) is the checkpoint, plain types and tensors (what
+    weights_only loading accepts); no RNG state is needed, as every draw is derived from (seed,
+    step) or (seed, epoch). load_state_dict(ckpt) continues a run exactly where it was saved."""
+    cfg: Config
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    meter: "Meter"
+    class_names: tuple = ()   # a class-conditional run's classes, in label order; empty when unconditional
+    num_images: int = 0       # training images: a run resumes on the same data only
     step: int = 0             # optimizer updates done
     elapsed_s: float = 0.0    # training wall time over all sessions
     session: int = 0          # 0 for the first launch, +1 for each resume
-    num_images: int = 0
     best_metric: float = math.inf  # lowest validation loss (or FID) so far: best.pt holds its weights
     bad_epochs: int = 0            # evaluations since it last improved (early stopping)
 
+    @classmethod
+    def new(cls, cfg, data, device, procs=Processes()):
+        """A fresh run's state: the UNet initialised from the global RNG, on the device in its layout."""
+        model = place_model(build_model(cfg, len(data.class_names)), device, use_channels_last(cfg.channels_last, device))
+        ema, optimizer = EMA(model, cfg.ema_decay), build_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.amp, device) == torch.float16)
+        return cls(cfg, model, ema, optimizer, LRSchedule(optimizer, cfg, steps_per_epoch(len(data.images), cfg.batch_size)),
+                   scaler, Meter(device, cfg.timesteps, procs), tuple(data.class_names), len(data.images))
 
-def training_checkpoint(cfg, model, ema, optimizer, lr_schedule, scaler, state, epoch, meter, class_names=()):
-    """The whole training state as a dict of plain types and tensors (what weights_only loading
-    accepts). No RNG state is needed: every draw is derived from (seed, step) or (seed, epoch).
-    A class-conditional run also stores its class names."""
-    return dict(**({"class_names": list(class_names)} if class_names else {}),
-        format="train_ddpm/2", config=asdict(cfg), model=model.state_dict(), ema=ema.model.state_dict(),
-        optimizer=optimizer.state_dict(), scheduler=lr_schedule.state_dict(), scaler=scaler.state_dict(),
-        epoch=epoch, step=state.step, elapsed_s=state.elapsed_s, session=state.session,
-        num_images=state.num_images, loss_log_step=state.step, meter=meter.state_dict(),
-        best_metric=state.best_metric, bad_epochs=state.bad_epochs,
-        torch_version=str(torch.__version__),
-    )
+    def state_dict(self, epoch):
+        """The checkpoint, named after `epoch`; a class-conditional run also stores its class names."""
+        return dict(**({"class_names": list(self.class_names)} if self.class_names else {}),
+                    format="train_ddpm/2", config=asdict(self.cfg), model=self.model.state_dict(),
+                    ema=self.ema.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.lr_schedule.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
+                    step=self.step, elapsed_s=self.elapsed_s, session=self.session, num_images=self.num_images,
+                    loss_log_step=self.step, meter=self.meter.state_dict(), best_metric=self.best_metric,
+                    bad_epochs=self.bad_epochs, torch_version=str(torch.__version__))
+
+    def load_state_dict(self, ckpt):
+        """Continue the run of a checkpoint (a new session of it), on the same data and classes."""
+        check_same_classes(ckpt, self.class_names, "resume")
+        if ckpt.get("num_images") != self.num_images:
+            raise UserError(f"the training set has {self.num_images} images but the checkpoint was trained on "
+                            f"{ckpt.get('num_images')}; resume with the same data")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(with_kernel_of(self.optimizer, ckpt["optimizer"]))
+        lay_out_like_params(self.optimizer)
+        self.lr_schedule.load_state_dict(ckpt["scheduler"])
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("meter"):
+            self.meter.load_state_dict(ckpt["meter"])
+        self.step, self.elapsed_s, self.session = ckpt["step"], ckpt["elapsed_s"], ckpt["session"] + 1
+        self.best_metric, self.bad_epochs = ckpt.get("best_metric", math.inf), ckpt.get("bad_epochs", 0)
 
 
 def checkpoint_bytes(ckpt):
@@ -2577,33 +2631,23 @@ def start_from_weights(path, model, ema, class_names=()):
     print(f"weights{' and EMA' if 'ema' in ckpt else ''} from {path}")
 
 
-def restore_training_state(ckpt, model, ema, optimizer, lr_schedule, scaler, num_images):
-    if ckpt.get("num_images") != num_images:
-        raise UserError(f"the training set has {num_images} images but the checkpoint was trained on "
-                        f"{ckpt.get('num_images')}; resume with the same data")
-    model.load_state_dict(ckpt["model"])
-    ema.model.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(with_kernel_of(optimizer, ckpt["optimizer"]))
-    lay_out_like_params(optimizer)
-    lr_schedule.load_state_dict(ckpt["scheduler"])
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    return TrainState(step=ckpt["step"], elapsed_s=ckpt["elapsed_s"], session=ckpt["session"] + 1,
-                      num_images=num_images, best_metric=ckpt.get("best_metric", math.inf),
-                      bad_epochs=ckpt.get("bad_epochs", 0))
-
-
 class Meter:
     """Sums the loss and gradient norm on the device between log rows, so the step never waits for
     the GPU; reads them back (one .tolist()) only when a row is written. Counts the skipped
     (non-finite) steps, in total and in a row. Also keeps the clocks."""
 
-    def __init__(self, device, step, elapsed_before, num_timesteps, procs=Processes()):
-        self.device, self.elapsed_before, self.num_timesteps, self.procs = device, elapsed_before, num_timesteps, procs
-        self.session_start, self.session_start_step = time.perf_counter(), step
+    def __init__(self, device, num_timesteps, procs=Processes()):
+        self.device, self.num_timesteps, self.procs = device, num_timesteps, procs
         self.consecutive_bad = torch.zeros((), device=device)
         self.worst_streak = torch.zeros((), device=device)  # since the last bad_streak() call
-        self._start_interval(step, self.session_start)
+        self._start_interval(None, None)
+
+    def start(self, step, elapsed_before):
+        """Start the clocks of a session at `step`, after `elapsed_before` seconds of earlier ones."""
+        self.elapsed_before, self.session_start, self.session_start_step = elapsed_before, time.perf_counter(), step
+        self.interval_start = self.session_start
+        if self.interval_step is None:  # else the unfinished interval of a checkpoint goes on
+            self.interval_step = step
 
     def _start_interval(self, step, now):
         # per timestep quartile: [loss sums (4), image counts (4)], then the grad-norm sum, skipped steps
@@ -2633,7 +2677,8 @@ class Meter:
         return dict(sums=self.sums.cpu(), interval_step=self.interval_step)
 
     def load_state_dict(self, state):
-        self.sums, self.interval_step = state["sums"].to(self.device), state["interval_step"]
+        if self.procs.main:  # the other ranks' part of that interval is not saved
+            self.sums, self.interval_step = state["sums"].to(self.device), state["interval_step"]
 
     def pause(self, seconds):
         """Leave time spent on previews and checkpoints out of images/s."""
@@ -2727,8 +2772,7 @@ class FidDuringTraining:
                                   self.classes)
         info = dict(self.spec.log_row(self.classes is not None), checkpoint="(training)", step=step, source="ema",
                     classes="" if self.classes is None else "all", precision=precision_name(ema_model.dtype))
-        scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor,
-                              self.paths.checkpoints.parent / "fid_stats", self.paths.checkpoints / "fid_log.csv",
+        scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor, self.paths.checkpoints,
                               info, self.device)
         return scores["fid"]
 
@@ -2802,43 +2846,73 @@ def train(cfg, resume_from=None):
                         f"images of --batch_size {cfg.batch_size}")
     set_fast_math(cfg.tf32)
     torch.manual_seed(cfg.seed)
+    data = load_training_data(cfg, procs, device)
+    state = TrainState.new(cfg, data, device, procs)
+    if resume_from is not None:
+        state.load_state_dict(resume_from)
+    elif cfg.init_from:
+        start_from_weights(cfg.init_from, state.model, state.ema, data.class_names)
+    run = build_run(cfg, paths, procs, device, data, state)
+    procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
+    lock = RunLock(paths.checkpoints) if procs.main else None
+    try:
+        return train_loop(run, resumed=resume_from is not None)
+    finally:
+        run.board.close()
+        if lock is not None:
+            lock.release()
+
+
+def load_training_data(cfg, procs, device):
+    """The run's TrainingData with the training images (uint8) and labels on the device: CIFAR-10
+    is 150 MB as uint8."""
     if not procs.main:
         procs.barrier()  # rank 0 downloads CIFAR-10 first, alone
     data = load_dataset(cfg)
-    images, val_images = data.images, data.val
     if procs.main:
         procs.barrier()
-    if len(images) < cfg.batch_size:
-        raise UserError(f"--batch_size {cfg.batch_size} is larger than the {len(images)} training images; "
-                        f"use --batch_size {len(images)} or less")
-    images = images.to(device)  # CIFAR-10 is 150 MB as uint8: keep it on the device
-    n_batches = steps_per_epoch(len(images), cfg.batch_size)
+    if len(data.images) < cfg.batch_size:
+        raise UserError(f"--batch_size {cfg.batch_size} is larger than the {len(data.images)} training images; "
+                        f"use --batch_size {len(data.images)} or less")
+    return data._replace(images=data.images.to(device), labels=None if data.labels is None else data.labels.to(device))
+
+
+@dataclass
+class Run:
+    """What the training loop works with besides the TrainState: built by build_run()."""
+    cfg: Config
+    paths: "RunPaths"
+    procs: Processes
+    device: torch.device
+    data: TrainingData        # training images (uint8) and labels on the device
+    state: TrainState
+    diffusion: GaussianDiffusion
+    forward: nn.Module        # how a step calls the UNet: autocast, channels_last, DDP, compile
+    ema_forward: nn.Module    # how previews and evaluation call the EMA model
+    n_batches: int            # steps per epoch
+    total_steps: int
+    validator: Optional[Validator]
+    fid: Optional["FidDuringTraining"]
+    board: Board
+    shard: slice              # this process's images of each global batch
+    check_every: int          # steps between the host syncs of the stop checks (DDP)
+    noise_generator: torch.Generator
+    label_generator: torch.Generator
+
+
+def build_run(cfg, paths, procs, device, data, state):
+    """The Run of a TrainState, checked: it refuses a run already at its end, and fails on a missing
+    optional package (FID, TensorBoard) before anything is written."""
     channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
-    model = place_model(build_model(cfg, len(data.class_names)), device, channels_last)
-    labels = None if data.labels is None else data.labels.to(device)
-    diffusion = build_diffusion(cfg).to(device)
-    ema = EMA(model, cfg.ema_decay)
-    optimizer = build_optimizer(model, cfg)
-    lr_schedule = LRSchedule(optimizer, cfg, n_batches)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = TrainState(num_images=len(images))
-    if resume_from is not None:
-        check_same_classes(resume_from, data.class_names, "resume")
-        state = restore_training_state(resume_from, model, ema, optimizer, lr_schedule, scaler, len(images))
-    elif cfg.init_from:
-        start_from_weights(cfg.init_from, model, ema, data.class_names)
-    net = model
+    net = state.model
     if procs.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         net = compile_model(net, cfg, procs.world)
-    forward, ema_forward = (Precision(m, device, amp_dtype, channels_last) for m in (net, ema.model))
-    validator = None
-    if val_images is not None and procs.main:
-        validator = Validator(val_images.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
-    print(f"UNet: {count_parameters(model) / 1e6:.2f}M parameters | {len(images):,} training images"
+    n_batches, val = steps_per_epoch(len(data.images), cfg.batch_size), data.val
+    print(f"UNet: {count_parameters(state.model) / 1e6:.2f}M parameters | {len(data.images):,} training images"
           f"{f' of {len(data.class_names)} classes' if data.class_names else ''}, "
-          f"{n_batches} steps per epoch | {0 if val_images is None else len(val_images):,} validation images "
+          f"{n_batches} steps per epoch | {0 if val is None else len(val):,} validation images "
           f"| {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
           f"{precision_name(amp_dtype)} autocast"
           f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}")
@@ -2852,162 +2926,166 @@ def train(cfg, resume_from=None):
     if cfg.max_minutes and state.elapsed_s >= 60 * cfg.max_minutes:
         raise UserError(f"the run has already trained {state.elapsed_s / 60:.1f} minutes; "
                         f"raise --max_minutes to train further")
-
-    # Optional packages fail here, before anything is written.
-    fid_during_training = FidDuringTraining(cfg, paths, device, data.class_names) if cfg.fid_every and procs.main else None
-    board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
-    procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
-    lock = RunLock(paths.checkpoints) if procs.main else None
-    run = Run(cfg, paths, procs, device, images, labels, data.class_names, n_batches, total_steps, model, forward,
-              ema, ema_forward, diffusion, optimizer, lr_schedule, scaler, state, validator, fid_during_training, board)
-    try:
-        return run_epochs(run, resume_from)
-    finally:
-        board.close()
-        if lock is not None:
-            lock.release()
+    return Run(cfg, paths, procs, device, data, state, build_diffusion(cfg).to(device),
+               forward=Precision(net, device, amp_dtype, channels_last),
+               ema_forward=Precision(state.ema.model, device, amp_dtype, channels_last),
+               n_batches=n_batches, total_steps=total_steps,
+               validator=Validator(val.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
+               if val is not None and procs.main else None,
+               fid=FidDuringTraining(cfg, paths, device, data.class_names) if cfg.fid_every and procs.main else None,
+               board=Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None),
+               shard=procs.shard(cfg.batch_size), check_every=min(cfg.log_every, cfg.max_bad_steps),
+               noise_generator=torch.Generator(device), label_generator=torch.Generator(device))
 
 
-@dataclass
-class Run:
-    """What a training run works with: built by train(), driven by run_epochs()."""
-    cfg: Config
-    paths: RunPaths
-    procs: Processes
-    device: torch.device
-    images: torch.Tensor      # uint8 (N, 3, S, S), on the device
-    labels: Optional[torch.Tensor]  # int64 (N,) classes of a class-conditional run, on the device; else None
-    class_names: tuple        # empty when unconditional
-    n_batches: int            # steps per epoch
-    total_steps: int
-    model: nn.Module          # the UNet: parameters and state dict
-    forward: nn.Module        # how the step calls it: autocast, DDP, compile
-    ema: EMA
-    ema_forward: nn.Module
-    diffusion: GaussianDiffusion
-    optimizer: torch.optim.Optimizer
-    lr_schedule: LRSchedule
-    scaler: torch.amp.GradScaler
-    state: TrainState
-    validator: Optional[Validator]
-    fid_during_training: Optional[FidDuringTraining]
-    board: Board
-
-
-def run_epochs(run, resume_from=None):
-    """The training loop: steps, log rows, epoch-end evaluation, previews and saves, early stops."""
-    cfg, paths, procs, device, state, model, ema = run.cfg, run.paths, run.procs, run.device, run.state, run.model, run.ema
-    n_batches, total_steps, diffusion, board = run.n_batches, run.total_steps, run.diffusion, run.board
-    meter = Meter(device, state.step, state.elapsed_s, cfg.timesteps, procs)
-    if resume_from is not None and resume_from.get("meter") and procs.main:
-        meter.load_state_dict(resume_from["meter"])  # the other ranks' part of that interval is not saved
-    log = None
-    if procs.main:
-        paths.samples.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json.dumps(asdict(cfg), indent=2) + "\n", paths.checkpoints / "config.json")
-        log = LossLog(paths.loss_log, resume_step=state.step if resume_from is not None else None,
-                      interval_step=meter.interval_step)
-    saver = Saver(paths, cfg, model, ema, run.optimizer, run.lr_schedule, run.scaler, state, meter, run.class_names)
-    # The same noise for every preview, so grids from different epochs are comparable; a
-    # class-conditional run previews --num_preview images of every class, a row each.
-    preview_classes = preview_labels(run.class_names, cfg.num_preview)
-    preview_noise = torch.randn((cfg.num_preview * max(1, len(run.class_names)), 3, cfg.image_size, cfg.image_size),
-                                generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    noise_generator, label_generator = torch.Generator(device), torch.Generator(device)
-    batch_shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
-    shard = procs.shard(cfg.batch_size)
-    check_every = min(cfg.log_every, cfg.max_bad_steps)  # host syncs for the bad-step and signal checks
-
-    model.train()
-    stopped = None  # why the run stops early: a signal number, or "bad" for non-finite steps
-    out_of_time = False  # --max_minutes reached: the run ends as if complete, resumable with more
+def train_loop(run, resumed=False):
+    """The training loop, over global steps: a step, its log row, the stop checks, and after each
+    epoch its upkeep. It ends for one reason: done (every step, or early stopping), time
+    (--max_minutes; resumable with more), bad (--max_bad_steps non-finite steps in a row) or signal
+    (SIGINT, SIGTERM); the last two save where they are and raise Stopped."""
+    cfg, state, procs = run.cfg, run.state, run.procs
+    log, saver = open_loss_log(run, resumed), Saver(run.paths, state)
+    batches, bar, stop = run_batches(run), None, None
+    state.model.train()
     with GracefulStop() as signals:
-        for epoch in range(state.step // n_batches, cfg.epochs):
-            start_batch = state.step - epoch * n_batches
-            bar = tqdm(total=n_batches, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                       dynamic_ncols=True, disable=not procs.main)
-            for x_start, y in epoch_batches(run.images, cfg.batch_size, epoch, cfg.seed, cfg.flip, start_batch, shard,
-                                            run.labels):
-                # train
-                lr = run.lr_schedule.set_step(state.step)
-                t, noise = step_noise(diffusion, batch_shape, shard, noise_generator, cfg.seed, state.step)
-                y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, shard, label_generator)
-                torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
-                grad_norm, losses, bad = train_step(run.forward, model, diffusion, x_start, t, noise, run.optimizer,
-                                                    run.scaler, cfg.grad_clip, procs, y, cfg.grad_accum)
-                ema.update(model, state.step)
-                state.step += 1
-                meter.add(grad_norm, losses, t, bad)
-                bar.update(1)
-                # log
-                if state.step % cfg.log_every == 0 or state.step == total_steps:
-                    row = meter.row(state.step, lr, cfg.batch_size, n_batches, state.session,
-                                    end_interval=state.step % cfg.log_every == 0)
-                    if procs.main:
-                        log.write(**row)
-                        board.scalars("train", row, state.step)
-                    bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
-                                    eta_total=meter.eta(state.step, total_steps, cfg.max_minutes))
-                # stop early? Under DDP all ranks must agree, so they decide together every few steps.
-                if state.step % check_every == 0 and procs.any(meter.bad_streak() >= cfg.max_bad_steps, device):
-                    stopped = "bad"
-                elif state.step % check_every == 0 or procs.world == 1:
-                    stopped = agreed_signal(signals, procs, device)
-                    out_of_time = procs.any(bool(cfg.max_minutes) and meter.elapsed() >= 60 * cfg.max_minutes,
-                                            device)
-                if stopped or out_of_time or state.step >= total_steps:
-                    break
-                if procs.main and saver.due(state.step):
-                    saver.save(state.step // n_batches, "latest.pt")
-            bar.close()
-            if stopped == "bad" or (stopped and state.step % n_batches):
+        while stop is None:
+            bar = bar or epoch_bar(run)
+            lr = take_step(run, *next(batches))
+            bar.update(1)
+            if state.step % cfg.log_every == 0 or state.step == run.total_steps:
+                row = state.meter.row(state.step, lr, cfg.batch_size, run.n_batches, state.session,
+                                      end_interval=state.step % cfg.log_every == 0)
+                if procs.main:
+                    log.write(**row)
+                    run.board.scalars("train", row, state.step)
+                bar.set_postfix(loss=row["loss"], lr=row["lr"], img_s=row["images_per_s"],
+                                eta_total=state.meter.eta(state.step, run.total_steps, cfg.max_minutes))
+            stop = stop_reason(run, signals)
+            if stop is None and procs.main and saver.due(state.step):
+                saver.save(state.step // run.n_batches, "latest.pt")
+            if stop == "bad" or (stop == "signal" and state.step % run.n_batches):
                 break  # mid-epoch: straight to the save below
-            finished, epoch_done, pause_start = state.step >= total_steps or out_of_time, epoch + 1, time.perf_counter()
-            if procs.main:
-                # evaluate and sample, unless a signal waits: then save at once, before a scheduler's SIGKILL
-                improved = False
-                if not (stopped or signals.received):
-                    improved, stop = evaluate_epoch(cfg, state, run.validator, run.fid_during_training,
-                                                    run.ema_forward, diffusion, log, board, meter, n_batches,
-                                                    epoch_done, finished)
-                    finished = finished or stop
-                if cfg.sample_every and (epoch_done % cfg.sample_every == 0 or finished) and not signals.received:
-                    preview, grid = write_preview(paths, run.ema_forward, diffusion, preview_noise,
-                                                  SamplingSpec.for_previews(cfg), epoch_done, preview_classes,
-                                                  run.class_names)
-                    board.image("preview", grid, state.step)
-                    tqdm.write(f"preview: {preview}")
-                # save
-                if epoch_done % cfg.save_every == 0 or finished or signals.received:
-                    saver.save(epoch_done)
-                if improved:
-                    saver.save(epoch_done, "best.pt")
-            finished = procs.any(finished, device)  # early stopping is rank 0's decision
-            meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
-            if finished:
-                stopped = None  # complete and saved: a late signal changes nothing
-                break
-            stopped = stopped or agreed_signal(signals, procs, device)
-            if stopped:
-                break
+            if state.step % run.n_batches == 0 or stop in ("done", "time"):
+                bar.close()
+                bar = None
+                stop = end_of_epoch(run, stop, signals, log, saver)
+        if bar is not None:
+            bar.close()
         if log is not None:
             log.close()
-        if stopped and procs.main and saver.last_step != state.step:
-            saver.save(state.step // n_batches, "latest.pt")
+        if stop in ("bad", "signal") and procs.main and saver.last_step != state.step:
+            saver.save(state.step // run.n_batches, "latest.pt")
         procs.barrier()
-    if stopped:
-        raise stop_message(stopped, saver, cfg, procs)
-    if out_of_time and procs.main and state.step < total_steps:
-        print(f"--max_minutes {cfg.max_minutes:g} reached at step {state.step:,} of {total_steps:,}; to train on: "
-              f"{resume_command(saver.last_path, procs)} --max_minutes {2 * cfg.max_minutes:g}")
+    if stop in ("bad", "signal"):
+        raise stop_message(stop, signals.agreed, saver, procs)
+    if stop == "time" and procs.main and state.step < run.total_steps:
+        print(f"--max_minutes {cfg.max_minutes:g} reached at step {state.step:,} of {run.total_steps:,}; to train "
+              f"on: {resume_command(saver.last_path, procs)} --max_minutes {2 * cfg.max_minutes:g}")
     return saver.last_path
 
 
+def open_loss_log(run, resumed):
+    """Start the clocks; on rank 0 write config.json and open the loss log (a resumed run's from
+    its checkpoint's step on). None on the other ranks."""
+    run.state.meter.start(run.state.step, run.state.elapsed_s)
+    if not run.procs.main:
+        return None
+    run.paths.samples.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(asdict(run.cfg), indent=2) + "\n", run.paths.checkpoints / "config.json")
+    return LossLog(run.paths.loss_log, resume_step=run.state.step if resumed else None,
+                   interval_step=run.state.meter.interval_step)
+
+
+def run_batches(run):
+    """This process's (images, labels) of every step from the state's step on, epoch after epoch."""
+    cfg = run.cfg
+    for epoch in range(run.state.step // run.n_batches, cfg.epochs):
+        yield from epoch_batches(run.data.images, cfg.batch_size, epoch, cfg.seed, cfg.flip,
+                                 run.state.step - epoch * run.n_batches, run.shard, run.data.labels)
+
+
+def epoch_bar(run):
+    epoch, n = run.state.step // run.n_batches, run.n_batches
+    return tqdm(total=n, initial=run.state.step - epoch * n, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", unit="step",
+                dynamic_ncols=True, disable=not run.procs.main)
+
+
+def take_step(run, x_start, y):
+    """One optimizer step at the state's step, with that step's timesteps, noise, label dropout and
+    dropout masks (all derived from (seed, step)), then the EMA; returns the LR it used."""
+    cfg, state, procs = run.cfg, run.state, run.procs
+    lr = state.lr_schedule.set_step(state.step)
+    t, noise = step_noise(run.diffusion, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), run.shard,
+                          run.noise_generator, cfg.seed, state.step)
+    y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, run.shard, run.label_generator)
+    torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
+    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y), state.optimizer,
+                                        state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
+    state.ema.update(state.model, state.step)
+    state.step += 1
+    state.meter.add(grad_norm, losses, t, bad)
+    return lr
+
+
+def stop_reason(run, signals):
+    """Why the run stops after this step (bad, signal, time, done), or None. Under DDP every rank
+    must stop at the same step, so they decide together every check_every steps (host syncs)."""
+    state, cfg, procs = run.state, run.cfg, run.procs
+    check = state.step % run.check_every == 0
+    if check and procs.any(state.meter.bad_streak() >= cfg.max_bad_steps, run.device):
+        return "bad"
+    if check or procs.world == 1:
+        received = agreed_signal(signals, procs, run.device)
+        late = procs.any(bool(cfg.max_minutes) and state.meter.elapsed() >= 60 * cfg.max_minutes, run.device)
+        if received or late:
+            return "signal" if received else "time"
+    return "done" if state.step >= run.total_steps else None
+
+
+def end_of_epoch(run, stop, signals, log, saver):
+    """The upkeep after an epoch, or at the run's end inside one, on rank 0: validation and FID,
+    the preview grid, the saves; with a signal waiting, only the save, at once (before a
+    scheduler's SIGKILL). Then every rank agrees whether to go on. Returns the stop reason: None,
+    done (a late signal changes nothing then), time or signal."""
+    cfg, state, procs = run.cfg, run.state, run.procs
+    finished = stop in ("done", "time") or state.step >= run.total_steps
+    epoch, pause_start = -(-state.step // run.n_batches), time.perf_counter()  # the epoch just ended
+    if procs.main:
+        improved = False
+        if not (stop == "signal" or signals.received):
+            improved, early = evaluate(run, log, epoch, finished)
+            finished = finished or early
+        if cfg.sample_every and (epoch % cfg.sample_every == 0 or finished) and not signals.received:
+            path, grid = write_preview(run.paths, run.ema_forward, run.diffusion, preview_noise(cfg, state, run.device),
+                                       SamplingSpec.for_previews(cfg), epoch, preview_labels(state.class_names,
+                                                                                            cfg.num_preview),
+                                       state.class_names)
+            run.board.image("preview", grid, state.step)
+            tqdm.write(f"preview: {path}")
+        if epoch % cfg.save_every == 0 or finished or signals.received:
+            saver.save(epoch)
+        if improved:
+            saver.save(epoch, "best.pt")
+    finished = procs.any(finished, run.device)  # early stopping is rank 0's decision
+    state.meter.pause(time.perf_counter() - pause_start)  # images/s counts training time only
+    if finished:
+        return "time" if stop == "time" else "done"
+    return stop or ("signal" if agreed_signal(signals, procs, run.device) else None)
+
+
+def preview_noise(cfg, state, device):
+    """The same noise for every preview, so grids from different epochs are comparable; a
+    class-conditional run previews --num_preview images of every class, a row each."""
+    shape = (cfg.num_preview * max(1, len(state.class_names)), 3, cfg.image_size, cfg.image_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+
+
 def agreed_signal(signals, procs, device):
-    """The signal received (by any rank: all must stop at the same step), or None."""
+    """The signal received (by any rank: all must stop at the same step), or None; kept as
+    signals.agreed, the one the run stops for (SIGTERM on a rank that received none itself)."""
     if not procs.any(signals.received is not None, device):
         return None
-    received = signals.received or signal.SIGTERM
+    received = signals.agreed = signals.received or signal.SIGTERM
     if procs.main:
         tqdm.write(f"{signal.Signals(received).name}: saving, then stopping (Ctrl-C again quits at once)",
                    file=sys.stderr)
@@ -3027,19 +3105,22 @@ def resume_command(checkpoint, procs):
     return f"python {Path(sys.argv[0]).name or 'train_ddpm.py'} --mode train --resume {checkpoint}{launcher}"
 
 
-def stop_message(stopped, saver, cfg, procs):
+def stop_message(stop, signum, saver, procs):
+    """The Stopped of a run stopped by non-finite steps (bad) or a signal: what happened, whether it
+    was saved, how to resume."""
+    cfg = saver.state.cfg
     checkpoint = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
     resume = f"resume with: {resume_command(checkpoint, procs)}" if checkpoint else "no checkpoint was written"
     if saver.last_step != saver.state.step:
         resume = f"the last save failed (see the warning); {resume}"
-    if stopped == "bad":
+    if stop == "bad":
         return Stopped(f"stopped: {cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were "
                        f"skipped, so the weights are the last good ones ({checkpoint}); likely causes: a learning rate "
                        f"too high (--learning_rate {cfg.learning_rate:g}), fp16 overflow (use --amp bf16 or off), "
                        f"no gradient clipping, or broken input images; {resume} and changed flags", 1)
-    name = signal.Signals(stopped).name
+    name = signal.Signals(signum).name
     outcome = "saved" if saver.last_step == saver.state.step else "not saved"
-    return Stopped(f"{name}: stopped at step {saver.state.step} and {outcome}; {resume}", 128 + stopped)
+    return Stopped(f"{name}: stopped at step {saver.state.step} and {outcome}; {resume}", 128 + signum)
 
 
 class GracefulStop:
@@ -3048,7 +3129,7 @@ class GracefulStop:
     handler only records: printing from it could land inside another write to the terminal."""
 
     def __init__(self):
-        self.received, self.previous = None, {}
+        self.received, self.agreed, self.previous = None, None, {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
@@ -3072,9 +3153,8 @@ class Saver:
     --save_every_minutes, best.pt. A save that would not fit on the disk is skipped with a warning,
     keeping the previous file (the writes are atomic, so a full disk never leaves a partial one)."""
 
-    def __init__(self, paths, cfg, model, ema, optimizer, lr_schedule, scaler, state, meter, class_names=()):
-        self.paths, self.cfg, self.state, self.meter, self.class_names = paths, cfg, state, meter, class_names
-        self.parts = (model, ema, optimizer, lr_schedule, scaler)
+    def __init__(self, paths, state):
+        self.paths, self.state, self.cfg = paths, state, state.cfg
         self.last_path, self.last_step, self.last_time = None, None, time.monotonic()
 
     def due(self, step):
@@ -3084,8 +3164,8 @@ class Saver:
 
     def save(self, epoch, name=None):
         start = time.perf_counter()
-        self.state.elapsed_s = self.meter.elapsed()
-        ckpt = training_checkpoint(self.cfg, *self.parts, self.state, epoch, self.meter, self.class_names)
+        self.state.elapsed_s = self.state.meter.elapsed()
+        ckpt = self.state.state_dict(epoch)
         path = self.paths.checkpoints / (name or checkpoint_name(self.cfg.timesteps, epoch))
         need, free = checkpoint_bytes(ckpt), shutil.disk_usage(self.paths.checkpoints).free
         if free < need + 64 * 2 ** 20:
@@ -3103,7 +3183,7 @@ class Saver:
             self.last_path, self.last_step, self.last_time = path, self.state.step, time.monotonic()
             if name is None:
                 tqdm.write(f"checkpoint: {path}")
-        self.meter.pause(time.perf_counter() - start)
+        self.state.meter.pause(time.perf_counter() - start)
         return path
 
 
@@ -3172,20 +3252,20 @@ def _process_alive(pid):
     return True
 
 
-def evaluate_epoch(cfg, state, validator, fid_during_training, ema_forward, diffusion, log, board, meter,
-                   n_batches, epoch_done, finished):
+def evaluate(run, log, epoch, finished):
     """Validation loss (and FID on --fid_every epochs) of the EMA weights after an epoch, logged.
     Returns (improved on the best so far, early stopping says stop)."""
+    cfg, state = run.cfg, run.state
     metrics = {}
-    if validator is not None:
-        metrics["val_loss"] = validator.loss(ema_forward, diffusion)
-    if fid_during_training is not None and (epoch_done % cfg.fid_every == 0 or finished):
-        metrics["fid"] = fid_during_training(ema_forward, diffusion, state.step)
+    if run.validator is not None:
+        metrics["val_loss"] = run.validator.loss(run.ema_forward, run.diffusion)
+    if run.fid is not None and (epoch % cfg.fid_every == 0 or finished):
+        metrics["fid"] = run.fid(run.ema_forward, run.diffusion, state.step)
     if not metrics:
         return False, False
-    log.write(step=state.step, epoch=f"{state.step / n_batches:.4f}", elapsed_s=f"{meter.elapsed():.1f}",
+    log.write(step=state.step, epoch=f"{state.step / run.n_batches:.4f}", elapsed_s=f"{state.meter.elapsed():.1f}",
               session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
-    board.scalars("eval", metrics, state.step)
+    run.board.scalars("eval", metrics, state.step)
     tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
     monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
     if monitored is None:
@@ -3438,8 +3518,7 @@ def run_eval(args):
     if not procs.main:
         return
     reference, name = reference_images(cfg, args.data_dir or cfg.data_dir)
-    scores = evaluate_fid(images, reference, name, extractor, run_dir.parent / "fid_stats", run_dir / "fid_log.csv",
-                          info, device)
+    scores = evaluate_fid(images, reference, name, extractor, run_dir, info, device)
     how = (f"{info['sampler']} {info['steps']} steps, {info['precision']}" if "sampler" in info
            else f"from {args.eval_npz}")
     print(f"FID {scores['fid']:.2f}  KID {scores['kid'] * 1e3:.2f} +- {scores['kid_std'] * 1e3:.2f} (x1e-3)  |  "

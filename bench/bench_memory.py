@@ -61,7 +61,7 @@ def cuda_peak_gb(cfg, checkpointing):
     t = torch.randint(0, diffusion.num_timesteps, (cfg.batch_size,), device=device)
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # the second step has the AdamW state too
-        td.train_step(forward, model, diffusion, x, t, torch.randn_like(x), optimizer, scaler, 1.0)
+        td.train_step(forward, diffusion, td.Batch(x, t, torch.randn_like(x)), optimizer, scaler, 1.0)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 1e9
     del model, optimizer

@@ -112,7 +112,7 @@ def build_ours(cfg, device, diffusion):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(x, t, noise, i):
-        td.train_step(forward, model, diffusion, x, t, noise, optimizer, scaler, cfg.grad_clip)
+        td.train_step(forward, diffusion, td.Batch(x, t, noise), optimizer, scaler, cfg.grad_clip)
         ema.update(model, i)
 
     def evaluate(x, t):

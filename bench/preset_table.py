@@ -53,7 +53,7 @@ def cpu_step_seconds(cfg, batch=32, steps=5, checkpointing=False):
 
     def step():
         t, noise = torch.randint(0, diffusion.num_timesteps, (batch,)), torch.randn_like(x)
-        td.train_step(model, model, diffusion, x, t, noise, optimizer, scaler, 1.0)
+        td.train_step(model, diffusion, td.Batch(x, t, noise), optimizer, scaler, 1.0)
 
     step()  # warm-up
     start = time.perf_counter()

@@ -94,7 +94,7 @@ def train_steps(amp_dtype=None, fused=True, channels_last=False, compile=False, 
     gd = diffusion().to(CUDA)
     for step in range(steps):
         x, t, noise = batch(seed=step)
-        grad_norm, losses, bad = td.train_step(forward, model, gd, x, t, noise, optimizer, scaler, 1.0,
+        grad_norm, losses, bad = td.train_step(forward, gd, td.Batch(x, t, noise), optimizer, scaler, 1.0,
                                                micro_batches=micro_batches)
         assert not bad.item()
     return Steps(torch.cat([p.detach().float().flatten() for p in model.parameters()]).cpu(), losses.cpu(),
@@ -130,7 +130,7 @@ def test_fp32_training_on_the_gpu_equals_the_cpu(fp32):
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     for step in range(3):
         x, t, noise = batch(seed=step, device="cpu")
-        grad_norm, losses, _ = td.train_step(model, model, gd, x, t, noise, optimizer, scaler, 1.0)
+        grad_norm, losses, _ = td.train_step(model, gd, td.Batch(x, t, noise), optimizer, scaler, 1.0)
     cpu = Steps(torch.cat([p.detach().flatten() for p in model.parameters()]), losses, grad_norm)
     assert_same_steps(fp32, cpu, loss_tol=1e-4)
 
@@ -168,7 +168,7 @@ def test_a_non_finite_step_under_fused_adamw_leaves_weights_moments_and_step_cou
         x, t, noise = batch(seed=seed)
         if poisoned:
             x[0, 0, 0, 0] = poison
-        return td.train_step(forward, model, gd, x, t, noise, optimizer, scaler, 1.0)
+        return td.train_step(forward, gd, td.Batch(x, t, noise), optimizer, scaler, 1.0)
 
     def state():
         params = list(model.parameters())
@@ -203,8 +203,7 @@ def conditional_steps(device, labels):
     gd = diffusion().to(device)
     for step, y in enumerate(labels):
         x, t, noise = batch(seed=step, device=device)
-        grad_norm, losses, bad = td.train_step(forward, model, gd, x, t, noise, optimizer, scaler, 1.0,
-                                               y=y.to(device))
+        grad_norm, losses, bad = td.train_step(forward, gd, td.Batch(x, t, noise, y.to(device)), optimizer, scaler, 1.0)
         assert not bad.item()
     return Steps(flat(model.parameters()), losses.cpu(), grad_norm.cpu())
 

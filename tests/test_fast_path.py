@@ -137,12 +137,12 @@ def test_fp16_with_the_grad_scaler_trains_and_skips_an_overflowing_step():
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     x, t = inputs()
     start = [p.detach().clone() for p in model.parameters()]
-    td.train_step(forward, model, diffusion, x, t, torch.randn_like(x), optimizer, scaler, 1.0)
+    td.train_step(forward, diffusion, td.Batch(x, t, torch.randn_like(x)), optimizer, scaler, 1.0)
     assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters())), "the step changed the weights"
     after_first = [p.detach().clone() for p in model.parameters()]
     x_bad = x.clone()
     x_bad[0, 0, 0, 0] = float("inf")  # an overflow: the scaler must skip the update
-    td.train_step(forward, model, diffusion, x_bad, t, torch.randn_like(x), optimizer, scaler, 1.0)
+    td.train_step(forward, diffusion, td.Batch(x_bad, t, torch.randn_like(x)), optimizer, scaler, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(after_first, model.parameters()))
     assert scaler.get_scale() < 2.0 ** 16, "the scale backed off after the overflow"
 
@@ -155,7 +155,7 @@ def accumulated_step(micro_batches, amp_dtype=None, batch=8):
     scaler = torch.amp.GradScaler("cpu", enabled=amp_dtype == torch.float16)
     x, t = inputs(batch=batch)
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    grad_norm, losses, bad = td.train_step(forward, model, diffusion, x, t, noise, optimizer, scaler, 1.0,
+    grad_norm, losses, bad = td.train_step(forward, diffusion, td.Batch(x, t, noise), optimizer, scaler, 1.0,
                                            micro_batches=micro_batches)
     assert not bad
     return torch.cat([p.detach().flatten() for p in model.parameters()]), losses, grad_norm
@@ -388,10 +388,12 @@ def test_resume_lays_out_the_adam_moments_like_each_parameter(saved_layout, resu
     td.GaussianDiffusion(td.make_beta_schedule("linear", 20)).training_losses(model, x, torch.arange(4)).mean().backward()
     optimizer.step()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    ckpt = td.training_checkpoint(cfg, model, ema, optimizer, lr_schedule, scaler, td.TrainState(step=1, num_images=8),
-                                  0, td.Meter(torch.device("cpu"), 1, 0.0, 20))
+    meter = td.Meter(torch.device("cpu"), 20)
+    meter.start(1, 0.0)
+    ckpt = td.TrainState(cfg, model, ema, optimizer, lr_schedule, scaler, meter, num_images=8, step=1).state_dict(0)
     model2, ema2, optimizer2, lr_schedule2 = build(resumed_layout)
-    td.restore_training_state(ckpt, model2, ema2, optimizer2, lr_schedule2, scaler, 8)
+    td.TrainState(cfg, model2, ema2, optimizer2, lr_schedule2, scaler, td.Meter(torch.device("cpu"), 20),
+                  num_images=8).load_state_dict(ckpt)
     convs = [p for p in model2.parameters() if p.dim() == 4]
     assert convs and any(p.stride() != p.contiguous().stride() for p in convs) == resumed_layout
     for saved, param in zip(optimizer.param_groups[0]["params"], model2.parameters()):

@@ -320,12 +320,11 @@ def test_evaluate_fid_caches_the_reference_once_and_logs_every_score_with_its_sa
     log = tmp_path / "run" / "fid_log.csv"
     log.parent.mkdir()
     info = dict(checkpoint="ckpt.pt", step=123, sampler="dpmpp2m", steps=20, eta=0.0, spacing="logsnr", source="ema")
-    first = td.evaluate_fid(samples, reference, "toy-train", net, tmp_path / "fid_stats", log, info, batch_size=32)
+    first = td.evaluate_fid(samples, reference, "toy-train", net, log.parent, info, batch_size=32)
     seen_after_first = net.images_seen
     assert seen_after_first == 80 + 30
     assert [p.name for p in (tmp_path / "fid_stats").iterdir()] == [td.reference_cache_name("toy-train", 80)]
-    second = td.evaluate_fid(samples[:20], reference, "toy-train", net, tmp_path / "fid_stats", log, info,
-                             batch_size=32)
+    second = td.evaluate_fid(samples[:20], reference, "toy-train", net, log.parent, info, batch_size=32)
     assert net.images_seen == seen_after_first + 20, "the reference statistics came from the cache"
     import csv
     rows = list(csv.DictReader(open(log)))

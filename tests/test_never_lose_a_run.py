@@ -215,7 +215,8 @@ def test_max_minutes_stops_on_time_with_a_preview_and_a_save_and_resumes_to_the_
 
 
 def test_the_eta_of_a_max_minutes_run_is_the_time_it_has_left():
-    meter = td.Meter(torch.device("cpu"), step=0, elapsed_before=50 * 60, num_timesteps=20)  # 50 minutes done
+    meter = td.Meter(torch.device("cpu"), num_timesteps=20)
+    meter.start(step=0, elapsed_before=50 * 60)  # 50 minutes done
     time.sleep(0.05)
     assert meter.eta(100, 10 ** 9, max_minutes=60) in ("0:09:59", "0:10:00")
     assert int(meter.eta(100, 10 ** 9).split(":")[0]) > 100, "without a time limit: the steps left"
@@ -239,19 +240,19 @@ def test_a_non_finite_step_is_skipped_and_leaves_weights_and_adam_state_untouche
     diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 50, 1e-3, 0.2))
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 50, (4,), generator=g)
-    _, _, bad = td.train_step(model, model, diffusion, x, t, torch.randn_like(x), optimizer, scaler, 1.0)
+    _, _, bad = td.train_step(model, diffusion, td.Batch(x, t, torch.randn_like(x)), optimizer, scaler, 1.0)
     assert not bad
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     adam = {k: {n: s.clone() for n, s in v.items()} for k, v in optimizer.state_dict()["state"].items()}
     x_bad = x.clone()
     x_bad[1, 2, 3, 4] = poison
-    _, losses, bad = td.train_step(model, model, diffusion, x_bad, t, torch.randn_like(x), optimizer, scaler, 1.0)
+    _, losses, bad = td.train_step(model, diffusion, td.Batch(x_bad, t, torch.randn_like(x)), optimizer, scaler, 1.0)
     assert bad and not torch.isfinite(losses).all()
     assert same_tensors(weights, model.state_dict())
     for k, v in optimizer.state_dict()["state"].items():
         assert same_tensors(adam[k], v), f"Adam state of parameter {k} moved"
     # and the next good step trains again
-    _, _, bad = td.train_step(model, model, diffusion, x, t, torch.randn_like(x), optimizer, scaler, 1.0)
+    _, _, bad = td.train_step(model, diffusion, td.Batch(x, t, torch.randn_like(x)), optimizer, scaler, 1.0)
     assert not bad and not same_tensors(weights, model.state_dict())
 
 
