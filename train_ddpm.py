@@ -49,11 +49,11 @@ import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
 
+# --- Config and presets ------------------------------------------------------------------------
+
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
 
-
-# --- Config and presets ------------------------------------------------------------------------
 
 def _field(default, help, **meta):
     return field(default=default, metadata={"help": help, **meta})
@@ -182,10 +182,12 @@ class Config:
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+
 # What the weights were trained for: a run started --init_from a checkpoint takes these from it.
 ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "use_attention",
                        "attn_resolutions", "emb_dim", "norm_groups", "norm_min_channels", "norm_eps", "downsample_padding",
                        "class_conditional", "timesteps", "schedule_type", "beta_start", "beta_end", "cosine_s")
+
 
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
@@ -196,6 +198,7 @@ RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "cha
                      "save_every_minutes", "max_bad_steps", "keep_last",
                      "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
                      "tensorboard")
+
 
 # Presets hold overrides of Config only, so a typo in a key fails at import (Config(**preset)).
 PRESETS = {
@@ -236,6 +239,7 @@ PRESETS = {
 for _overrides in PRESETS.values():
     Config(**_overrides)
 
+
 # What each preset is for; preset_summary() adds its numbers, read from the preset itself.
 PRESET_NOTES = {
     "quick_test": "tiny UNet: the whole pipeline on a CPU in minutes",
@@ -266,16 +270,11 @@ def default_run_name(cfg):
     return f"{cfg.preset}_ts{cfg.timesteps}"
 
 
-def terminal_signal(cfg):
-    """sqrt(alpha_bar_T): how much of the image survives in x_T, which sampling replaces by pure noise."""
-    betas = make_beta_schedule(cfg.schedule_type, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.cosine_s)
-    return float(torch.cumprod(1 - betas, 0)[-1].sqrt())
-
-
 def schedule_warning(cfg):
-    """A warning when x_T keeps a visible part of the image: samplers start from pure noise, so
-    such a schedule gives washed-out or noisy samples."""
-    signal = terminal_signal(cfg)
+    """A warning when x_T keeps a visible part of the image (sqrt(alpha_bar_T) above 2%): samplers
+    start from pure noise, so such a schedule gives washed-out or noisy samples."""
+    betas = make_beta_schedule(cfg.schedule_type, cfg.timesteps, cfg.beta_start, cfg.beta_end, cfg.cosine_s)
+    signal = float(torch.cumprod(1 - betas, 0)[-1].sqrt())
     if signal <= 0.02:
         return None
     scale = 1000 / cfg.timesteps
@@ -286,13 +285,8 @@ def schedule_warning(cfg):
 
 def validate_config(cfg):
     """Range-check every field before any work starts; raise UserError naming the flag."""
-    for ok, message in _model_checks(cfg) + _run_checks(cfg):
-        if not ok:
-            raise UserError(message)
-
-
-def _model_checks(cfg):
-    return [
+    levels = len(cfg.channel_mults) - 1
+    checks = [
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (cfg.image_size >= 4, "--image_size must be at least 4"),
         (cfg.base_channels >= 1, "--base_channels must be positive"),
@@ -307,12 +301,6 @@ def _model_checks(cfg):
         (cfg.guidance_scale >= 0, "--guidance_scale must be at least 0"),
         (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
-    ]
-
-
-def _run_checks(cfg):
-    levels = len(cfg.channel_mults) - 1
-    return [
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
         (cfg.weight_decay >= 0, "--weight_decay must be >= 0"),
         (cfg.warmup_steps >= 0, "--warmup_steps must be >= 0"),
@@ -352,6 +340,9 @@ def _run_checks(cfg):
         (cfg.image_size % 2 ** levels == 0, f"--image_size {cfg.image_size} must be a multiple of {2 ** levels} "
                                             f"for {len(cfg.channel_mults)} resolution levels"),
     ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 # --- Data: CIFAR-10 pickles or an image folder, held as one uint8 tensor -------------------------
@@ -494,12 +485,10 @@ def load_dataset(cfg):
             val = read_cifar10_batches(test_batch.parent, [CIFAR10_TEST_BATCH])[:cfg.val_size]
         elif cfg.val_size:
             print(f"no {test_batch}: training without a validation loss")
-    elif cfg.class_conditional:
-        images, val, labels, names = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers,
-                                                       cfg.train_subset, cfg.seed, cfg.val_size, with_labels=True)
     else:
-        images, val = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers, cfg.train_subset,
-                                        cfg.seed, cfg.val_size)
+        images, val, *classes = load_image_folder(cfg.data_dir, cfg.image_size, cfg.num_workers, cfg.train_subset,
+                                                  cfg.seed, cfg.val_size, with_labels=cfg.class_conditional)
+        labels, names = classes or (None, ())
     if not cfg.class_conditional:
         labels, names = None, ()
     as_tensor = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
@@ -749,7 +738,8 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
-# --- Hardware: mixed precision, memory layout, several processes ---------------------------------
+# --- Hardware: devices, mixed precision, memory layout, fast math, several processes -------------
+
 # The UNet runs under autocast (bf16, or fp16 with a GradScaler) where that is faster; everything
 # around it (schedules, q_sample, posteriors, samplers, the loss) stays in fp32/fp64. Several GPUs
 # (or CPU processes) run under torchrun with DistributedDataParallel: every rank draws the same
@@ -810,15 +800,38 @@ class Precision(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         labels = () if y is None else (y,)  # an unconditional UNet is called exactly as before
-        if self.dtype is None:
-            return self.net(x, t, *labels).float()
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        with contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device_type, dtype=self.dtype):
             return self.net(x, t, *labels).float()
 
     def no_sync(self):
         """DDP's no_sync (gradients stay local until a later backward) when the UNet runs under DDP."""
         net = getattr(self.net, "_orig_mod", self.net)  # torch.compile wraps the DDP module
         return net.no_sync() if hasattr(net, "no_sync") else contextlib.nullcontext()
+
+
+def compile_model(net, cfg, world):
+    """torch.compile outside DDP, so that dynamo's DDP optimizer can overlap gradient buckets with the
+    backward. That optimizer splits the graph at bucket boundaries, which the activation checkpoint's
+    higher-order op does not survive (pytorch/pytorch#104674): with --grad_checkpointing on several
+    processes, compile the whole graph instead (gradients are then all-reduced after the backward)."""
+    if world > 1 and cfg.grad_checkpointing:
+        torch._dynamo.config.optimize_ddp = False
+    return torch.compile(net)
+
+
+def set_tf32(tf32):
+    """TF32 in fp32 matmuls and convolutions, on or off, through the API the running torch has:
+    fp32_precision from torch 2.9, which deprecates the allow_tf32 flags and raises where the two
+    are mixed."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+
+
+def set_fast_math(tf32):
+    set_tf32(tf32)
+    torch.backends.cudnn.benchmark = True  # shapes never change: pick the fastest convolutions once
 
 
 def derived_seed(*keys):
@@ -1036,6 +1049,11 @@ class GaussianDiffusion(nn.Module):
                 model.train()
 
 
+def build_diffusion(cfg):
+    return GaussianDiffusion(make_beta_schedule(cfg.schedule_type, cfg.timesteps, cfg.beta_start,
+                                                cfg.beta_end, cfg.cosine_s))
+
+
 def guided_noise_predictor(model, classes, scale):
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps_uncond + w (eps_cond - eps_uncond),
     so w = 1 samples the class-conditional model, w = 0 the unconditional one, and w > 1 moves
@@ -1055,7 +1073,7 @@ def guided_noise_predictor(model, classes, scale):
     return predict
 
 
-# --- Samplers: DDPM ancestral, DDIM, DPM-Solver++(2M) -----------------------------------------
+# --- Samplers: one SamplingSpec; DDPM ancestral, DDIM, DPM-Solver++(2M) --------------------------
 
 TIMESTEP_SPACINGS = ("uniform", "quadratic", "trailing", "logsnr")
 
@@ -1138,7 +1156,7 @@ VAR_TYPES = ("fixedlarge", "fixedsmall")
 class SamplingSpec:
     """How samples are drawn, as one value: built once from the flags (--mode sample, eval) or from
     a run's config (previews, FID during training), handed whole to GaussianDiffusion.sample, and
-    named by name() in file names and by log_row() in FID logs."""
+    named by name() in file names (SamplingJob.fid_info names it in FID logs)."""
     sampler: str = "ddpm"          # ddpm: ancestral (Ho et al.); ddim (Song et al.); dpmpp2m: DPM-Solver++(2M)
     steps: int = 0                 # model calls, K of the T steps; 0 = all T
     spacing: str = ""              # which K steps (see timestep_grid); "" = the sampler's DEFAULT_SPACING
@@ -1155,16 +1173,6 @@ class SamplingSpec:
                 raise ValueError(f"unknown {name} {value!r}; choose from {', '.join(filter(None, allowed))}")
         if self.eta < 0 or self.guidance_scale < 0:
             raise ValueError(f"eta and the guidance scale must be at least 0, got {self.eta} and {self.guidance_scale}")
-
-    @classmethod
-    def for_previews(cls, cfg):
-        return cls("ddim", cfg.preview_steps, clip_x0=cfg.clip_x0, guidance_scale=cfg.guidance_scale)
-
-    @classmethod
-    def for_fid(cls, cfg, conditional):
-        """FID during training: 20-step DPM-Solver++, at the run's w when the model has classes."""
-        return cls("dpmpp2m", min(20, cfg.timesteps), clip_x0=cfg.clip_x0,
-                   guidance_scale=cfg.guidance_scale if conditional else 1.0)
 
     @property
     def grid_spacing(self):
@@ -1183,11 +1191,6 @@ class SamplingSpec:
         name += f"_{self.spacing}" if self.spacing else ""
         name += f"_clip{self.clip_x0}" if self.clip_x0 != "static" else ""
         return name + (f"_{classes}_w{self.guidance_scale:g}" if classes else "")
-
-    def log_row(self, conditional):
-        """The sampling columns of a fid_log.csv row."""
-        return dict(sampler=self.sampler, steps=self.steps, spacing=self.grid_spacing, clip=self.clip_x0,
-                    eta=self.eta, guidance_scale=f"{self.guidance_scale:g}" if conditional else "")
 
 
 def clip_xstart(pred_xstart, clip):
@@ -1212,8 +1215,7 @@ def clip_xstart(pred_xstart, clip):
         magnitude = magnitude.to(torch.promote_types(magnitude.dtype, torch.float32))  # quantile: no bf16
         per_call = max(1, 2 ** 24 // magnitude.shape[1])  # torch.quantile takes at most 2^24 values at once
         s = torch.cat([torch.quantile(part, DYNAMIC_PERCENTILE, dim=1) for part in magnitude.split(per_call)])
-        s = s.clamp(min=1)
-        s = s.to(pred_xstart.dtype).view(-1, *([1] * (pred_xstart.dim() - 1)))
+        s = s.clamp(min=1).to(pred_xstart.dtype).view(-1, *([1] * (pred_xstart.dim() - 1)))
         return pred_xstart.clamp(-s, s) / s
     return pred_xstart
 
@@ -1303,82 +1305,9 @@ def dpmpp2m_sample(model, diffusion, x, timesteps, spec, generator=None, callbac
 SAMPLERS = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp2m": dpmpp2m_sample}
 
 
-def build_diffusion(cfg):
-    return GaussianDiffusion(make_beta_schedule(cfg.schedule_type, cfg.timesteps, cfg.beta_start,
-                                                cfg.beta_end, cfg.cosine_s))
-
-
 def to_uint8(images):
     """(B, C, H, W) in [-1, 1] -> numpy uint8 (B, H, W, C), the layout FID tools read."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images, path, nrow=None):
-    """Write a grid PNG of images in [-1, 1]; at most 10 per row keeps 32px images legible."""
-    import torchvision
-    nrow = nrow or min(10, len(images))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, str(tmp), nrow=nrow, format="png")
-    os.replace(tmp, path)
-
-
-def save_labelled_grid(images, row_names, path, title=""):
-    """A grid PNG of images in [-1, 1], one row per name (len(images) / len(row_names) each), with
-    the names written left of their rows and the title above, so the picture explains itself."""
-    from PIL import Image, ImageDraw
-    per_row, size = len(images) // len(row_names), images.shape[-1]
-    pixels = to_uint8(images.float())
-    margin, top = 6 * max(len(name) for name in row_names) + 8, 14 if title else 0
-    canvas = Image.new("RGB", (margin + per_row * (size + 2), top + len(row_names) * (size + 2)), "white")
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((2, 1), title, fill="black")
-    for r, name in enumerate(row_names):
-        draw.text((2, top + r * (size + 2) + size // 2 - 5), name, fill="black")
-        for c in range(per_row):
-            canvas.paste(Image.fromarray(pixels[r * per_row + c]), (margin + c * (size + 2), top + r * (size + 2)))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="png")
-    os.replace(tmp, path)
-
-
-class TrajectoryRecorder:
-    """A sampler callback that keeps x_t and the predicted x_0 (held in [-1, 1]) of the first `rows`
-    images at every step: how a sample forms, for any sampler."""
-
-    def __init__(self, rows):
-        self.rows, self.points = rows, []
-
-    def __call__(self, step, t, x_t, x0):
-        self.points.append((t, x_t[:self.rows].cpu(), x0[:self.rows].clamp(-1, 1).cpu()))
-
-
-def save_trajectory(points, final, path, columns=10):
-    """One PNG: for each sample a row of x_t and, under it, a row of the predicted x_0, at `columns`
-    evenly spread calls of the sampler (the first is pure noise), then the finished image; the
-    timestep of every column is written above it."""
-    from PIL import Image, ImageDraw
-    picks = sorted({round(i * (len(points) - 1) / max(columns - 1, 1)) for i in range(columns)})
-    size, gap, top, margin = final.shape[-1], 2, 14, 30
-    cols = [(f"t={points[i][0]}", points[i][1], points[i][2]) for i in picks] + [("final", final, final)]
-    canvas = Image.new("RGB", (margin + len(cols) * (size + gap), top + 2 * len(final) * (size + gap)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, (label, x_t, x0) in enumerate(cols):
-        left = margin + c * (size + gap)
-        draw.text((left, 1), label[:6], fill="black")
-        for r in range(len(final)):
-            for k, images in enumerate((x_t, x0)):
-                tile = Image.fromarray(to_uint8(images[r:r + 1].float())[0])
-                canvas.paste(tile, (left, top + (2 * r + k) * (size + gap)))
-    for r in range(len(final)):
-        draw.text((2, top + 2 * r * (size + gap) + size // 2 - 5), "x_t", fill="black")
-        draw.text((2, top + (2 * r + 1) * (size + gap) + size // 2 - 5), "x0^", fill="black")
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="png")
-    os.replace(tmp, path)
 
 
 def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classes=None, procs=Processes()):
@@ -1404,7 +1333,19 @@ def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classe
     return np.concatenate([batches[k] for k in range(len(starts))])
 
 
-# --- Training utilities: EMA, LR schedule, loss log, checkpoints ----------------------------------
+# --- Training: optimizer, EMA, LR schedule, the step, logs, the state and the loop ----------------
+
+def build_optimizer(model, cfg):
+    """AdamW (Adam when weight_decay is 0, as in the paper), fused into one kernel where it can be."""
+    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.fused_adamw:
+        try:
+            return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError) as e:  # no fused kernel for this device in this torch
+            print(f"note: no fused AdamW here ({str(e).splitlines()[0][:120]}); the unfused one reads the "
+                  f"non-finite check back from the device every step")
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
 
 class EMA:
     """Exponential moving average of the weights, with the usual warmup of the decay,
@@ -1419,8 +1360,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model, step):
-        ema_params, params = list(self.model.parameters()), list(model.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.decay_at(step))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay_at(step))
 
 
 class LRSchedule:
@@ -1463,976 +1403,6 @@ class LRSchedule:
             self.restarts.load_state_dict(state)
 
 
-# Training rows fill loss..images_per_s; the row written after each epoch's evaluation fills val_loss
-# (and fid, on --fid_every epochs).
-LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
-                    "bad_steps", "images_per_s", "elapsed_s", "session", "val_loss", "fid")
-
-
-def csv_text(columns, rows):
-    """A CSV file's text: the header, then the rows (dicts; keys outside columns ignored)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
-
-
-class LossLog:
-    """checkpoints/<run>/loss_log.csv, one row per log_every steps, flushed as it goes.
-
-    On resume the rows after the checkpoint's step (written after the last save) are dropped, so
-    the log continues exactly from the checkpoint instead of repeating steps; so is a training row
-    after interval_step, the start of the log interval the checkpoint's Meter was summing (the last
-    row of a run stopped off the --log_every grid): the resumed run writes that interval's row whole.
-    loss_q0..q3 split the loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it.
-    """
-
-    def __init__(self, path, resume_step=None, interval_step=None):
-        self.path = Path(path)
-        if resume_step is not None and self.path.exists():
-            last = resume_step if interval_step is None else interval_step
-            self._rewrite([row for row in self._rows_up_to(resume_step)
-                           if int(row["step"]) <= last or not row.get("lr")])  # eval rows have no lr
-        else:
-            self._rewrite([])
-        self.file = open(self.path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOSS_LOG_COLUMNS)
-
-    def _rows_up_to(self, last_step):
-        """The rows with steps in order up to last_step; a row torn by a crash is dropped."""
-        rows, previous = [], 0
-        with open(self.path, newline="") as f:
-            for row in csv.DictReader(f):
-                complete = all(row.get(c) not in (None, "") for c in ("step", "epoch", "elapsed_s", "session"))
-                if complete and row["step"].isdigit() and previous <= int(row["step"]) <= last_step:
-                    rows.append(row)
-                    previous = int(row["step"])
-        return rows
-
-    def _rewrite(self, rows):
-        atomic_write_text(csv_text(LOSS_LOG_COLUMNS, rows), self.path)
-
-    def write(self, **row):
-        self.writer.writerow({name: row.get(name, "") for name in LOSS_LOG_COLUMNS})
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-def checkpoint_name(timesteps, epoch):
-    return f"ddpm_ts{timesteps}_epoch{epoch:04d}.pt"
-
-
-def atomic_write(path, write):
-    """Call write(f) on a temp file in the same folder, fsync, then rename: a crash leaves the old
-    file or the new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text, path):
-    atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # folders cannot be opened on some platforms (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def point_latest_at(checkpoint_path):
-    """Make latest.pt the same file as checkpoint_path: a hard link renamed into place (atomic,
-    no second copy on disk), or an atomic copy where the file system has no hard links."""
-    checkpoint_path = Path(checkpoint_path)
-    latest = checkpoint_path.with_name("latest.pt")
-    tmp = latest.with_name(f".latest.pt.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(checkpoint_path, tmp)
-        os.replace(tmp, latest)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_torch_save(torch.load(checkpoint_path, map_location="cpu", weights_only=True), latest)
-    _fsync_dir(latest.parent)
-
-
-def epoch_checkpoints(run_dir):
-    return sorted(Path(run_dir).glob("ddpm_ts*_epoch*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
-
-
-def prune_checkpoints(run_dir, keep_last):
-    if keep_last > 0:
-        for old in epoch_checkpoints(run_dir)[:-keep_last]:
-            old.unlink()
-
-
-def find_latest_checkpoint(run_dir):
-    """latest.pt in run_dir, else the newest epoch checkpoint; None when the folder holds none."""
-    run_dir = Path(run_dir)
-    if (run_dir / "latest.pt").is_file():
-        return run_dir / "latest.pt"
-    found = epoch_checkpoints(run_dir) if run_dir.is_dir() else []
-    return found[-1] if found else None
-
-
-# Fields added after checkpoints were first written, with the value those older checkpoints were
-# trained with: a saved config without the field gets this value, not today's default.
-LEGACY_VALUES = dict(norm_eps=1e-5, downsample_padding="symmetric", norm_min_channels=1)
-
-
-def config_from_dict(values):
-    """A Config from a saved dict: lists back to tuples, unknown keys (from other versions) ignored,
-    missing keys of LEGACY_VALUES given the value the checkpoint was trained with."""
-    known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in CONFIG_FIELDS}
-    return Config(**{**LEGACY_VALUES, **known})
-
-
-_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
-                           "(1)", "(2)", "In PyTorch")
-
-
-def _load_failure_reason(error):
-    """The informative line of a torch.load error. For a weights_only refusal that is the object it
-    refused (e.g. a blocked os.system), not torch's generic advice to load the file unsafely."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    if not lines[0].startswith("Weights only load failed"):
-        return lines[0].split(". ")[0][:300]
-    details = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines
-               if not line.startswith(_TORCH_LOAD_BOILERPLATE)]
-    detail = next((d for d in details if d), "unsupported content")
-    return f"refused to unpickle it, as only plain weights are ever loaded: {detail[:300]}"
-
-
-def read_checkpoint(path):
-    """The checkpoint dict, loaded without running any pickled code: torch.load(weights_only=True),
-    which unpickles only tensors and plain containers, a weights-only .safetensors file, or a
-    diffusers folder."""
-    path = Path(path)
-    if path.is_dir():
-        return read_diffusers(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        good = newest_good_checkpoint(path)
-        hint = (f"; resume from {good} instead, the newest checkpoint there that loads" if good else
-                f"; no other checkpoint in {path.parent} loads")
-        raise UserError(f"checkpoint {path} is unreadable or corrupt ({_load_failure_reason(e)}){hint}") from None
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
-        raise UserError(f"{path} is not a train_ddpm.py checkpoint (no model and config inside)")
-    return ckpt
-
-
-def newest_good_checkpoint(bad):
-    """The newest other checkpoint beside `bad` that loads, or None."""
-    folder = Path(bad).parent
-    candidates = [p for p in folder.glob("*.pt") if p.is_file() and not p.samefile(bad)]
-    for p in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
-        try:
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:
-            continue
-        if isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys():
-            return p
-    return None
-
-
-def _safetensors():
-    try:
-        import safetensors.torch
-    except ImportError:
-        raise UserError(".safetensors files need the safetensors package: pip install safetensors") from None
-    return safetensors
-
-
-def sampling_source(ckpt, use_ema=True):
-    """The key of the weights that sampling and exports use: "ema" unless use_ema=False or the
-    checkpoint keeps none (an export or a diffusers folder holds one set, under "model")."""
-    return "ema" if use_ema and "ema" in ckpt else "model"
-
-
-def sampling_weights(ckpt, use_ema=True):
-    """Those weights in words: "ema", "raw", or "stored" for the one set of an export or diffusers folder."""
-    if sampling_source(ckpt, use_ema) == "ema":
-        return "ema"
-    return "raw" if "ema" in ckpt or "optimizer" in ckpt else "stored"
-
-
-def export_safetensors(ckpt, path, use_ema=True):
-    """The sampling weights (EMA unless use_ema=False) and the config as a .safetensors file: no
-    pickle at all, so any tool can read it without trusting it."""
-    safetensors = _safetensors()
-    source = sampling_source(ckpt, use_ema)
-    tensors = {name: t.contiguous() for name, t in ckpt[source].items()}
-    metadata = dict(format="train_ddpm/2", config=json.dumps(ckpt["config"]), weights=source,
-                    step=str(ckpt.get("step", 0)), epoch=str(ckpt.get("epoch", 0)))
-    if ckpt.get("class_names"):
-        metadata["class_names"] = json.dumps(list(ckpt["class_names"]))
-    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
-
-
-def read_safetensors(path):
-    """A checkpoint-like dict (model, config, step, epoch) from an exported .safetensors file."""
-    safetensors = _safetensors()
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-        config = json.loads(metadata["config"])
-    except Exception as e:
-        raise UserError(f"{path} is not a readable train_ddpm.py .safetensors file "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    return dict(model=tensors, config=config, step=int(metadata.get("step", 0)),
-                epoch=int(metadata.get("epoch", 0)), weights_only=True,
-                class_names=json.loads(metadata.get("class_names", "[]")))
-
-
-# --- diffusers folders: the paper's published weights in, our models out --------------------------
-# google/ddpm-cifar10-32, the port of the paper's TensorFlow checkpoint that diffusers users have, is
-# a UNet2DModel of ResNet blocks (DownBlock2D/AttnDownBlock2D, UpBlock2D/AttnUpBlock2D), single-head
-# attention and a sinusoidal time embedding: the function our UNet computes. Reading and writing such
-# folders needs only json and safetensors; diffusers itself is not imported.
-
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-DIFFUSERS_VERSION = "0.30.0"  # written into exported configs: the oldest diffusers the export is tested with
-# UNet2DModel's defaults for the keys we read, for configs that leave them out.
-UNET2D_DEFAULTS = dict(sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
-                       time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
-                       flip_sin_to_cos=True, mid_block_type="UNetMidBlock2D", block_out_channels=(224, 448, 672, 896),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1, downsample_type="conv",
-                       upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8, norm_num_groups=32,
-                       attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
-                       add_attention=True, class_embed_type=None, num_class_embeds=None)
-# What our UNet computes, as UNet2DModel settings: anything else is refused, naming the key.
-UNET2D_REQUIRED = dict(in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
-                       freq_shift=1, flip_sin_to_cos=False, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1,
-                       downsample_type="conv", upsample_type="conv", act_fn="silu",
-                       resnet_time_scale_shift="default", class_embed_type=None, num_class_embeds=None)
-# diffusers before 0.15 named the attention weights query/key/value/proj_attn.
-DEPRECATED_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
-
-
-def _resblock_rows(ours, resnet, attention):
-    rows = [(f"{ours}.{a}", (f"{resnet}.{b}",), False) for a, b in (
-        ("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"), ("norm2", "norm2"),
-        ("conv2", "conv2"), ("skip", "conv_shortcut"))]
-    if attention:  # our 1x1-conv projections are diffusers' Linear layers; our qkv is their q, k, v stacked
-        rows += [(f"{ours}.attn.norm", (f"{attention}.group_norm",), False),
-                 (f"{ours}.attn.qkv", tuple(f"{attention}.{n}" for n in ("to_q", "to_k", "to_v")), True),
-                 (f"{ours}.attn.proj", (f"{attention}.to_out.0",), True)]
-    return rows
-
-
-def diffusers_name_table(cfg):
-    """The one mapping between our UNet's modules and UNet2DModel's, used in both directions: rows of
-    (our module, its diffusers module(s), whether theirs are Linear). It lists every module the
-    architecture may have (shortcuts, attention); a model uses the rows whose modules it has."""
-    levels = len(cfg.channel_mults)
-    rows = [("time_mlp.0", ("time_embedding.linear_1",), False), ("time_mlp.2", ("time_embedding.linear_2",), False),
-            ("head", ("conv_in",), False), ("out.0", ("conv_norm_out",), False), ("out.2", ("conv_out",), False)]
-    k = 0
-    for level in range(levels):
-        for j in range(cfg.num_res_blocks):
-            block = f"down_blocks.{level}"
-            rows += _resblock_rows(f"down.{k}", f"{block}.resnets.{j}", f"{block}.attentions.{j}")
-            k += 1
-        if level < levels - 1:
-            rows.append((f"down.{k}.conv", (f"down_blocks.{level}.downsamplers.0.conv",), False))
-            k += 1
-    rows += _resblock_rows("mid.0", "mid_block.resnets.0", "mid_block.attentions.0")
-    rows += _resblock_rows("mid.1", "mid_block.resnets.1", None)
-    k = 0
-    for j, level in enumerate(reversed(range(levels))):  # up_blocks[0] is the lowest resolution
-        for i in range(cfg.num_res_blocks + 1):
-            rows += _resblock_rows(f"up.{k}", f"up_blocks.{j}.resnets.{i}", f"up_blocks.{j}.attentions.{i}")
-            k += 1
-        if level > 0:
-            rows.append((f"up.{k}.conv", (f"up_blocks.{j}.upsamplers.0.conv",), False))
-            k += 1
-    return rows
-
-
-def _shapes_of(cfg):
-    """Our UNet's parameter names and shapes, built on the meta device (no memory, no init)."""
-    with torch.device("meta"):
-        return {name: t.shape for name, t in build_model(cfg).state_dict().items()}
-
-
-def state_to_diffusers(state, cfg):
-    """Our UNet state dict -> UNet2DModel's."""
-    out = {}
-    for ours, theirs, linear in diffusers_name_table(cfg):
-        for param in ("weight", "bias"):
-            if f"{ours}.{param}" in state:
-                for name, part in zip(theirs, state[f"{ours}.{param}"].chunk(len(theirs))):
-                    out[f"{name}.{param}"] = part.reshape(part.shape[0], -1) if linear and param == "weight" else part
-    return {name: t.contiguous() for name, t in out.items()}
-
-
-def state_from_diffusers(state, cfg, where):
-    """UNet2DModel's state dict -> ours; a missing or left-over tensor is refused, naming it."""
-    state = {_renamed(name): t for name, t in state.items()}
-    shapes, out = _shapes_of(cfg), {}
-    for ours, theirs, linear in diffusers_name_table(cfg):
-        for param in ("weight", "bias"):
-            if f"{ours}.{param}" not in shapes:
-                continue
-            names = [f"{name}.{param}" for name in theirs]
-            missing = [n for n in names if n not in state]
-            if missing:
-                raise UserError(f"{where} lacks the weights {missing[0]} that its config.json implies")
-            tensor = torch.cat([state.pop(n) for n in names])
-            if tensor.numel() != shapes[f"{ours}.{param}"].numel():
-                raise UserError(f"{where}: {names[0]} has shape {tuple(tensor.shape)}, which its config.json "
-                                f"does not give")
-            out[f"{ours}.{param}"] = tensor.reshape(shapes[f"{ours}.{param}"]).float()
-    if state:
-        raise UserError(f"{where} has weights this UNet cannot use, e.g. {sorted(state)[0]}")
-    return out
-
-
-def _renamed(name):
-    for old, new in DEPRECATED_ATTENTION_NAMES.items():
-        name = name.replace(old, new)
-    return name
-
-
-def config_from_diffusers(unet, scheduler, where):
-    """Our Config from a UNet2DModel config.json and a scheduler_config.json (dicts); a setting our
-    UNet or schedule cannot reproduce exactly is refused with one line naming the key."""
-    unet = {**UNET2D_DEFAULTS, **unet}
-
-    def refuse(key, value, need):
-        raise UserError(f"{where}: {key}={json.dumps(value)} cannot be reproduced here ({need})")
-
-    for key, want in UNET2D_REQUIRED.items():
-        if unet[key] != want:
-            refuse(key, unet[key], f"only {json.dumps(want)} is supported")
-    widths, base = list(unet["block_out_channels"]), unet["block_out_channels"][0]
-    if any(w % base for w in widths):
-        refuse("block_out_channels", widths, "every width must be a multiple of the first")
-    groups = unet["norm_num_groups"]
-    if any(w % groups for w in widths):
-        refuse("norm_num_groups", groups, "it must divide every width")
-    down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
-    if len(down) != len(widths) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
-        refuse("down_block_types", down, "DownBlock2D or AttnDownBlock2D, one per width")
-    if [b.replace("Up", "Down") for b in reversed(up)] != down:
-        refuse("up_block_types", up, "the mirror image of down_block_types: UpBlock2D or AttnUpBlock2D")
-    size = unet["sample_size"]
-    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
-    if not isinstance(size, int):
-        refuse("sample_size", size, "one square size")
-    attn_levels = [level for level, b in enumerate(down) if b.startswith("Attn")]
-    if attn_levels and not unet["add_attention"]:
-        refuse("add_attention", False, "attention in the blocks needs it in the middle block too")
-    attention_widths = [widths[level] for level in attn_levels] + ([widths[-1]] if unet["add_attention"] else [])
-    if unet["attention_head_dim"] is not None and any(w != unet["attention_head_dim"] for w in attention_widths):
-        refuse("attention_head_dim", unet["attention_head_dim"], "single-head attention: null or the attention width")
-    if unet["attn_norm_num_groups"] not in (None, unet["norm_num_groups"]):
-        refuse("attn_norm_num_groups", unet["attn_norm_num_groups"], "the same groups as norm_num_groups")
-    if unet["downsample_padding"] not in (0, 1):
-        refuse("downsample_padding", unet["downsample_padding"], "0 (TensorFlow SAME) or 1")
-
-    scheduler = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
-                 "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small", **scheduler}
-    schedules = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-    if scheduler["beta_schedule"] not in schedules or scheduler["trained_betas"]:
-        refuse("beta_schedule", scheduler["beta_schedule"], "linear or squaredcos_cap_v2, no trained_betas")
-    if scheduler["prediction_type"] != "epsilon":
-        refuse("prediction_type", scheduler["prediction_type"], "the model must predict the noise: epsilon")
-    if str(scheduler["variance_type"]).startswith("learned"):
-        refuse("variance_type", scheduler["variance_type"], "learned variances need a second output")
-    if scheduler.get("rescale_betas_zero_snr"):
-        refuse("rescale_betas_zero_snr", True, "only the plain schedules")
-    return Config(image_size=size, base_channels=base, channel_mults=tuple(w // base for w in widths),
-                  num_res_blocks=unet["layers_per_block"], use_attention=bool(unet["add_attention"]),
-                  attn_resolutions=tuple(size // 2 ** level for level in attn_levels),
-                  dropout=float(unet["dropout"]), emb_dim=unet["time_embedding_dim"] or 4 * base,
-                  norm_groups=groups, norm_min_channels=min(Config.norm_min_channels, min(widths) // groups), norm_eps=float(unet["norm_eps"]),
-                  downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
-                  timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
-                  beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
-                  clip_x0=clip_from_diffusers(scheduler, refuse), run_name=Path(where).resolve().name)
-
-
-def diffusers_unet_folder(path):
-    """The UNet2DModel folder of a diffusers folder (a DDPMPipeline's unet/, or the folder itself), or None."""
-    path = Path(path)
-    for folder in (path / "unet", path):
-        if (folder / "config.json").is_file() and any((folder / w).is_file() for w in DIFFUSERS_WEIGHTS):
-            return folder
-    return None
-
-
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-def read_diffusers(path):
-    """A checkpoint-like dict (model, config) from a DDPMPipeline or UNet2DModel folder. The schedule
-    comes from the pipeline's scheduler/scheduler_config.json (or one beside the UNet's config.json);
-    a lone UNet folder gets diffusers' default DDPMScheduler (the paper's linear 1e-4..0.02, T = 1000)."""
-    unet_dir = diffusers_unet_folder(path)
-    if unet_dir is None:
-        raise UserError(f"{path} is neither a diffusers folder (config.json and {DIFFUSERS_WEIGHTS[0]}) "
-                        f"nor a run folder")
-    schedule_file = next((p for p in (Path(path) / "scheduler" / "scheduler_config.json",
-                                      unet_dir / "scheduler_config.json",  # the flat layout of early hub folders
-                                      unet_dir.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
-    cfg = config_from_diffusers(_read_json(unet_dir / "config.json"),
-                                _read_json(schedule_file) if schedule_file else {}, str(path))
-    weights = next(unet_dir / w for w in DIFFUSERS_WEIGHTS if (unet_dir / w).is_file())
-    if weights.suffix == ".safetensors":
-        safetensors = _safetensors()
-        try:
-            state = safetensors.torch.load_file(str(weights))
-        except Exception as e:
-            raise UserError(f"{weights} is unreadable or corrupt ({type(e).__name__}: {str(e)[:200]})") from None
-    else:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"{weights} is unreadable or corrupt ({_load_failure_reason(e)})") from None
-    return dict(model=state_from_diffusers(state, cfg, str(path)), config=asdict(cfg), step=0, epoch=0,
-                weights_only=True)
-
-
-def diffusers_configs(cfg):
-    """(UNet2DModel config, DDPMScheduler config) of our Config; what UNet2DModel cannot express is
-    refused with one line."""
-    widths = [cfg.base_channels * m for m in cfg.channel_mults]
-    with torch.device("meta"):
-        norms = [m for m in build_model(cfg).modules() if isinstance(m, nn.GroupNorm)]
-    odd = next((n for n in norms if n.num_groups != cfg.norm_groups), None)
-    if odd is not None:
-        raise UserError(f"cannot export to diffusers: UNet2DModel uses norm_num_groups={cfg.norm_groups} for every "
-                        f"GroupNorm, but the width {odd.num_channels} has {odd.num_groups} groups "
-                        f"(--norm_groups and --norm_min_channels decide them)")
-    if cfg.schedule_type == "cosine" and cfg.cosine_s != 0.008:
-        raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, "
-                        f"not --cosine_s {cfg.cosine_s:g}")
-    levels = range(len(widths))
-    attn = [cfg.use_attention and cfg.image_size // 2 ** level in cfg.attn_resolutions for level in levels]
-    unet = dict(_class_name="UNet2DModel", _diffusers_version=DIFFUSERS_VERSION, sample_size=cfg.image_size,
-                **UNET2D_REQUIRED, time_embedding_dim=cfg.emb_dim, block_out_channels=widths,
-                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-                layers_per_block=cfg.num_res_blocks, downsample_padding=0 if cfg.downsample_padding == "same" else 1,
-                dropout=cfg.dropout, attention_head_dim=None, norm_num_groups=cfg.norm_groups,
-                attn_norm_num_groups=None, norm_eps=cfg.norm_eps, add_attention=cfg.use_attention)
-    scheduler = dict(_class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
-                     num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                     beta_schedule="linear" if cfg.schedule_type == "linear" else "squaredcos_cap_v2",
-                     trained_betas=None, variance_type="fixed_large", prediction_type="epsilon",
-                     **DIFFUSERS_CLIP[cfg.clip_x0])
-    return unet, scheduler
-
-
-# How diffusers' schedulers say each --clip_x0. Their dynamic thresholding caps s at sample_max_value;
-# Imagen's rule has no cap, so the export sets one that no prediction reaches (x_0 at t = T - 1 is
-# about 157 times the eps error: hundreds, not millions).
-DIFFUSERS_CLIP = {
-    "static": dict(clip_sample=True, clip_sample_range=1.0, thresholding=False),
-    "dynamic": dict(clip_sample=True, clip_sample_range=1.0, thresholding=True,
-                    dynamic_thresholding_ratio=DYNAMIC_PERCENTILE, sample_max_value=1e6),
-    "none": dict(clip_sample=False, thresholding=False),
-}
-
-
-def clip_from_diffusers(scheduler, refuse):
-    """The --clip_x0 of a diffusers scheduler config (which clips by default); refuse(key, value, need)
-    for a rule ours cannot reproduce."""
-    if scheduler.get("clip_sample", True) and scheduler.get("clip_sample_range", 1.0) != 1.0:
-        refuse("clip_sample_range", scheduler["clip_sample_range"], "clipping to [-1, 1] only")
-    if not scheduler.get("thresholding"):
-        return "static" if scheduler.get("clip_sample", True) else "none"
-    cap = scheduler.get("sample_max_value", 1.0)
-    if cap <= 1:
-        return "static"  # s held at 1: thresholding is clipping
-    if cap < DIFFUSERS_CLIP["dynamic"]["sample_max_value"]:
-        refuse("sample_max_value", cap, f"1 (clipping) or at least {DIFFUSERS_CLIP['dynamic']['sample_max_value']:g} "
-                                        f"(dynamic thresholding without a cap)")
-    if scheduler.get("dynamic_thresholding_ratio", 0.995) != DYNAMIC_PERCENTILE:
-        refuse("dynamic_thresholding_ratio", scheduler["dynamic_thresholding_ratio"], f"only {DYNAMIC_PERCENTILE}")
-    return "dynamic"
-
-
-def export_diffusers(ckpt, folder, use_ema=True):
-    """A DDPMPipeline folder (model_index.json, unet/, scheduler/) of the sampling weights (EMA unless
-    use_ema=False) and the schedule, written whole or not at all."""
-    cfg = config_from_dict(ckpt["config"])
-    unet, scheduler = diffusers_configs(cfg)
-    safetensors = _safetensors()
-    source = sampling_source(ckpt, use_ema)
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
-                 scheduler=["diffusers", "DDPMScheduler"], unet=["diffusers", "UNet2DModel"])
-    try:
-        (tmp / "unet").mkdir(parents=True)
-        (tmp / "scheduler").mkdir()
-        for path, content in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet),
-                              (tmp / "scheduler" / "scheduler_config.json", scheduler)):
-            path.write_text(json.dumps(content, indent=2) + "\n")
-        tensors = state_to_diffusers(ckpt[source], cfg)
-        (tmp / "unet" / DIFFUSERS_WEIGHTS[0]).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
-        os.replace(tmp, folder)  # the whole folder appears at once (an empty one in its place is replaced)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written one after a failure
-
-
-def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
-    """Load a checkpoint for sampling: returns (model in eval mode, diffusion, Config).
-
-    `path` is a .pt checkpoint, a .safetensors export, a run folder (its newest checkpoint) or a
-    diffusers DDPMPipeline/UNet2DModel folder. The architecture and schedule come from the checkpoint;
-    the weights are the EMA weights unless use_ema=False. The model is a Precision caller (--amp,
-    --channels_last) of the UNet.
-    """
-    return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path)), use_ema, device, amp, channels_last)
-
-
-def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
-    """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
-    cfg = config_from_dict(ckpt["config"])
-    model = build_model(cfg, len(ckpt.get("class_names") or ()))
-    model.load_state_dict(ckpt[sampling_source(ckpt, use_ema)])
-    device = torch.device(device)
-    layout = use_channels_last(channels_last, device)
-    model = place_model(model, device, layout).eval()
-    caller = Precision(model, device, autocast_dtype(amp, device), layout)
-    caller.class_names = tuple(ckpt.get("class_names") or ())  # a class-conditional model's labels, in order
-    return caller, build_diffusion(cfg).to(device), cfg
-
-
-def check_writable_folder(folder, flag):
-    """Refuse (before any work) a folder that cannot be created or written: a file in its way, or
-    no write permission on the nearest folder that exists."""
-    folder = Path(folder)
-    existing = folder
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: no permission to write in {existing}")
-
-
-def resolve_checkpoint_path(path):
-    """A checkpoint file or diffusers folder, or a run folder meaning its newest checkpoint."""
-    path = Path(path)
-    if path.is_dir() and diffusers_unet_folder(path) is not None:
-        return path
-    if path.is_dir():
-        found = find_latest_checkpoint(path)
-        if found is None:
-            raise UserError(f"no checkpoints in {path}; train first or name a .pt file")
-        return found
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    return path
-
-
-# --- FID and KID: Inception pool3 features, Frechet distance, kernel distance ----------------------
-# FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) on the 2048-d pool3 features of the
-# TensorFlow Inception-v3 of 2015-12-05, as ported by pytorch-fid (the network every published
-# CIFAR-10 FID uses). Images enter as uint8 (N, H, W, 3), the layout to_uint8 returns; the network
-# sees float (B, 3, H, W) in [0, 1], resized bilinearly to 299 inside, as in pytorch-fid.
-
-FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                   "pt_inception-2015-12-05-6726825d.pth")  # pytorch_fid.inception.FID_WEIGHTS_URL
-FID_EXTRACTOR_NAME = "pt_inception-2015-12-05"  # part of every reference-statistics cache name
-
-
-class InceptionPool3(nn.Module):
-    """(B, 3, H, W) float in [0, 1] -> (B, 2048) pool3 features: pytorch-fid's
-    InceptionV3([3], resize_input=True, normalize_input=True) forward, blocks in the same order."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.blocks = nn.Sequential(
-            net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, nn.MaxPool2d(kernel_size=3, stride=2),
-            net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2),
-            net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
-            net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1)))
-
-    def forward(self, x):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.blocks(2 * x - 1).flatten(1)  # [0, 1] -> [-1, 1], as the TF graph expects
-
-
-def load_fid_weights(weights_path=None):
-    """The FID Inception state dict from weights_path, or pytorch-fid's release file (downloaded
-    once into torch's hub cache, exactly as pytorch-fid does) when weights_path is None."""
-    if weights_path is None:
-        try:
-            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True, map_location="cpu")
-        except Exception as e:  # URLError, HTTPError, SSL and proxy errors alike
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UserError(f"could not download the FID Inception weights ({reason}); get {FID_WEIGHTS_URL} "
-                            f"and pass its path with --fid_weights PATH") from None
-    path = Path(weights_path)
-    if not path.is_file():
-        raise UserError(f"--fid_weights {path} is not a file; point it at pt_inception-2015-12-05-6726825d.pth")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--fid_weights {path} is not a readable PyTorch state dict ({e})") from None
-
-
-def build_fid_inception(weights_path=None, device="cpu"):
-    """pytorch-fid's FID Inception (its fid_inception_v3 architecture) with weights from a local
-    file or the default download, in eval mode, as an InceptionPool3 on device."""
-    import torchvision
-    try:
-        from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
-    except ImportError:
-        raise UserError("FID needs pytorch-fid, the standard PyTorch port of the TF FID Inception: "
-                        "pip install pytorch-fid") from None
-    # As pytorch_fid.inception.fid_inception_v3, which we cannot call: it always downloads.
-    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE_1(1280)
-    net.Mixed_7c = FIDInceptionE_2(2048)
-    try:
-        net.load_state_dict(load_fid_weights(weights_path))
-    except (RuntimeError, TypeError) as e:  # other keys or shapes; not a dict at all
-        first = str(e).splitlines()[0]
-        raise UserError(f"{weights_path or FID_WEIGHTS_URL} does not hold the pytorch-fid Inception weights "
-                        f"({first})") from None
-    extractor = InceptionPool3(net).to(device).eval()
-    extractor.requires_grad_(False)
-    return extractor
-
-
-@torch.no_grad()
-def compute_activations(images, extractor, batch_size=100, device="cpu", progress=True):
-    """Features of uint8 images (N, H, W, 3) (numpy or torch) as float32 numpy (N, D).
-
-    extractor maps float (B, 3, H, W) in [0, 1] to (B, D); it runs in eval mode, without gradients.
-    """
-    images = torch.as_tensor(images)
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-    was_training = extractor.training
-    extractor.eval()
-    features = []
-    with tqdm(total=len(images), desc="inception features", unit="img", leave=False, disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
-            features.append(extractor(x).reshape(len(x), -1).float().cpu())
-            bar.update(len(x))
-    extractor.train(was_training)
-    return torch.cat(features).numpy()
-
-
-def nearest_neighbours(queries, references, k, features, batch_size=2000):
-    """Indices (n, k) and L2 distances (n, k), nearest first, of each query's k nearest references.
-    queries and references are uint8 images (n / N, H, W, 3); features maps a batch of them to
-    float32 vectors (n, D). The references pass through in batches with a running top k, so memory
-    stays at one batch whatever N."""
-    q = torch.from_numpy(features(queries)).double()
-    k = min(k, len(references))
-    best_d = torch.full((len(q), k), math.inf, dtype=torch.float64)
-    best_i = torch.zeros((len(q), k), dtype=torch.long)
-    with tqdm(total=len(references), desc="nearest neighbours", unit="img", leave=False,
-              disable=len(references) < 5000) as bar:
-        for start in range(0, len(references), batch_size):
-            r = torch.from_numpy(features(references[start:start + batch_size])).double()
-            d = torch.cdist(q, r)
-            index = torch.arange(start, start + len(r)).expand(len(q), -1)
-            d, i = torch.cat([best_d, d], 1), torch.cat([best_i, index], 1)
-            best_d, order = d.topk(k, dim=1, largest=False)
-            best_i = i.gather(1, order)
-            bar.update(len(r))
-    return best_i.numpy(), best_d.numpy()
-
-
-def pixel_features(images):
-    return np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255
-
-
-def save_nearest_picture(samples, train, indices, path, title):
-    """Each sample (a row) beside its nearest training images, nearest first, under a title."""
-    from PIL import Image, ImageDraw
-    size, gap, top = samples.shape[1], 2, 14
-    canvas = Image.new("RGB", ((indices.shape[1] + 1) * (size + gap) + 6, top + len(samples) * (size + gap)),
-                       "white")
-    draw = ImageDraw.Draw(canvas)
-    draw.text((2, 1), title, fill="black")
-    for r, (sample, row) in enumerate(zip(samples, indices)):
-        canvas.paste(Image.fromarray(sample), (0, top + r * (size + gap)))
-        for c, i in enumerate(row):  # a 6-pixel gap sets the sample apart from the training images
-            canvas.paste(Image.fromarray(train[i]), (6 + (c + 1) * (size + gap), top + r * (size + gap)))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="png")
-    os.replace(tmp, path)
-
-
-def activation_statistics(activations):
-    """Mean and covariance (float64; unbiased, as np.cov and pytorch-fid) of (N, D) activations."""
-    activations = np.asarray(activations)
-    if activations.ndim != 2 or len(activations) < 2:
-        raise ValueError(f"need at least 2 activations (N, D) for a covariance, got {activations.shape}")
-    return activations.mean(axis=0, dtype=np.float64), np.cov(activations, rowvar=False, dtype=np.float64)
-
-
-def _psd_sqrt(matrix):
-    """Symmetric square root of a symmetric PSD matrix; eigenvalues below zero (rounding) count as 0."""
-    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Heusel et al. 2017 eq. 6: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
-
-    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
-    symmetric PSD matrix similar to S1 S2: exact for singular covariances (fewer samples than
-    dimensions) where scipy.linalg.sqrtm, which pytorch-fid uses, can return complex noise.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if not (mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2):
-        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
-                         f"{sigma2.shape}")
-    sqrt_sigma1 = _psd_sqrt(sigma1)
-    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-def polynomial_mmd2(x, y):
-    """Binkowski et al. 2018: unbiased MMD^2 of two equal-size sets (m, d) under the kernel
-    k(a, b) = (a.b / d + 1)^3; the diagonal of k(x, x) and k(y, y) is left out, that of k(x, y) is not."""
-    m, d = x.shape
-    k_xx = (x @ x.T / d + 1) ** 3
-    k_yy = (y @ y.T / d + 1) ** 3
-    k_xy = (x @ y.T / d + 1) ** 3
-    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
-    return float(within - 2 * k_xy.sum() / (m * m))
-
-
-def kernel_inception_distance(features1, features2, subsets=100, subset_size=1000, seed=2020):
-    """KID: mean and std over `subsets` random subsets (without replacement) of polynomial_mmd2, as
-    torch-fidelity computes it (same defaults and draw order, so the same subsets for the same seed).
-    Unlike torch-fidelity, a subset_size above either set's size shrinks to it, as clean-fid does.
-    Unbiased, so two sets from one distribution can score slightly below zero."""
-    features1, features2 = np.asarray(features1), np.asarray(features2)
-    m = min(subset_size, len(features1), len(features2))
-    if m < 2:
-        raise ValueError(f"KID needs at least 2 features in each set, got {len(features1)} and {len(features2)}")
-    rng = np.random.RandomState(seed)
-    mmds = np.empty(subsets)
-    for i in range(subsets):
-        x = features1[rng.choice(len(features1), m, replace=False)].astype(np.float64)
-        y = features2[rng.choice(len(features2), m, replace=False)].astype(np.float64)
-        mmds[i] = polynomial_mmd2(x, y)
-    return float(mmds.mean()), float(mmds.std())
-
-
-# Reference statistics of a training set cost one Inception pass over it (about 75 minutes for
-# CIFAR-10's 50,000 images on a laptop CPU), so they are computed once and cached.
-
-class ReferenceStats(NamedTuple):
-    mu: np.ndarray          # (D,) float64
-    sigma: np.ndarray       # (D, D) float64
-    n: int                  # number of images the statistics are over
-    features: np.ndarray    # (K, D) float32: a fixed random K of the N activations, for KID
-
-
-def reference_cache_name(dataset_name, n, extractor_name=FID_EXTRACTOR_NAME):
-    """e.g. fid_stats_cifar10-train_n50000_pt_inception-2015-12-05.npz"""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{dataset_name}")
-    return f"fid_stats_{safe}_n{n}_{extractor_name}.npz"
-
-
-def images_fingerprint(images):
-    """A short hash of the images' shape and pixels: a cache made for other images never matches."""
-    pixels = np.ascontiguousarray(images.cpu().numpy() if torch.is_tensor(images) else images)
-    digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=8)
-    digest.update(memoryview(pixels).cast("B"))
-    return digest.hexdigest()
-
-
-def load_statistics(path):
-    """mu and sigma from an .npz with keys mu and sigma (ours, or pytorch-fid --save-stats)."""
-    try:
-        with np.load(path) as f:
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is not an FID statistics .npz with arrays mu and sigma ({e})") from None
-    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
-        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-    return mu, sigma
-
-
-def _read_reference_cache(path, n, fingerprint, num_features):
-    """The cached ReferenceStats if path holds them for these images, else None."""
-    try:
-        with np.load(path) as f:
-            if int(f["n"]) != n or str(f["fingerprint"]) != fingerprint or len(f["features"]) < num_features:
-                return None
-            return ReferenceStats(f["mu"], f["sigma"], n, f["features"][:num_features])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
-
-
-def reference_statistics(images, extractor, cache_path, batch_size=100, device="cpu", kid_features=10_000,
-                         progress=True):
-    """ReferenceStats of uint8 images (N, H, W, 3), read from cache_path when it holds them for
-    these very images (same pixels, same N), else computed and saved there atomically.
-
-    Keeps a fixed random min(kid_features, N) of the activations for KID (10,000 x 2048 float32
-    is 80 MB on disk); sigma is 32 MB at D = 2048.
-    """
-    n, fingerprint = len(images), images_fingerprint(images)
-    num_features = min(kid_features, n)
-    cached = _read_reference_cache(cache_path, n, fingerprint, num_features)
-    if cached is not None:
-        return cached
-    activations = compute_activations(images, extractor, batch_size, device, progress)
-    mu, sigma = activation_statistics(activations)
-    keep = np.sort(np.random.default_rng(0).choice(n, num_features, replace=False))
-    stats = ReferenceStats(mu, sigma, n, activations[keep])
-    Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(n),
-                                                fingerprint=np.str_(fingerprint), features=stats.features))
-    return stats
-
-
-def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subsets=100, progress=True):
-    """FID and KID (mean, std) of uint8 images (N, H, W, 3) against ReferenceStats. KID subsets hold
-    min(1000, N, K) features, so KID over fewer than 1000 images is noisier, not invalid."""
-    activations = compute_activations(images, extractor, batch_size, device, progress)
-    fid = frechet_distance(*activation_statistics(activations), reference.mu, reference.sigma)
-    kid, kid_std = kernel_inception_distance(activations, reference.features, subsets=kid_subsets)
-    return {"fid": fid, "kid": kid, "kid_std": kid_std}
-
-
-FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "clip", "eta", "source",
-                   "precision", "classes", "guidance_scale", "reference", "reference_n", "fid", "kid", "kid_std")
-
-
-def reference_images(cfg, data_dir):
-    """The whole training set of a run's dataset as uint8 (N, H, W, 3), and its name for the cache."""
-    if cfg.dataset == "cifar10":
-        return load_cifar10_train(data_dir).transpose(0, 2, 3, 1), "cifar10-train"
-    images, _ = load_image_folder(data_dir, cfg.image_size, cfg.num_workers)
-    return images.transpose(0, 2, 3, 1), f"folder-{Path(data_dir).resolve().name}"
-
-
-def evaluate_fid(images, reference, reference_name, extractor, run_dir, info, device="cpu", batch_size=200):
-    """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
-    are cached beside the run folder, in fid_stats/ (keyed by name and size); appends a row to the
-    run's fid_log.csv. Returns the scores."""
-    log_path = Path(run_dir) / "fid_log.csv"
-    cache = Path(run_dir).parent / "fid_stats" / reference_cache_name(reference_name, len(reference))
-    stats = reference_statistics(reference, extractor, cache, batch_size, device)
-    scores = fid_kid(images, stats, extractor, batch_size, device)
-    row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
-               reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
-               kid_std=f"{scores['kid_std']:.6f}")
-    append_csv_row(log_path, FID_LOG_COLUMNS, row)
-    return dict(scores, reference_n=stats.n)
-
-
-def append_csv_row(path, columns, row):
-    """Append a row to a CSV log; a log written with other columns (an older version) is first
-    rewritten with these, its rows kept, so every row stays under its own header."""
-    path = Path(path)
-    if path.exists():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader) if tuple(reader.fieldnames or ()) != tuple(columns) else None
-        if rows is not None:
-            atomic_write_text(csv_text(columns, rows), path)
-    else:
-        atomic_write_text(csv_text(columns, []), path)
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(row)
-
-
-
-# --- Training loop --------------------------------------------------------------------------------
-
-@dataclass
-class RunPaths:
-    checkpoints: Path
-    samples: Path
-
-    @classmethod
-    def of(cls, cfg):
-        return cls(Path(cfg.checkpoint_dir) / cfg.run_name, Path(cfg.samples_dir) / cfg.run_name)
-
-    @property
-    def loss_log(self):
-        return self.checkpoints / "loss_log.csv"
-
-
-def refuse_existing_run(paths):
-    """Never overwrite a run: a new run needs a run folder without checkpoints. A loss log alone is
-    what a run stopped before its first save leaves; with nothing to resume, it is started afresh."""
-    if find_latest_checkpoint(paths.checkpoints) is not None:
-        raise UserError(f"{paths.checkpoints} already holds checkpoints of a run; continue it with "
-                        f"--resume latest, or start a new one with another --run_name")
-    if paths.loss_log.exists():
-        print(f"note: {paths.checkpoints} has a loss log but no checkpoint (a run stopped before its first "
-              f"save); starting it afresh")
-
-
-def build_optimizer(model, cfg):
-    """AdamW (Adam when weight_decay is 0, as in the paper), fused into one kernel where it can be."""
-    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.fused_adamw:
-        try:
-            return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
-        except (RuntimeError, TypeError, ValueError) as e:  # no fused kernel for this device in this torch
-            print(f"note: no fused AdamW here ({str(e).splitlines()[0][:120]}); the unfused one reads the "
-                  f"non-finite check back from the device every step")
-    return torch.optim.AdamW(model.parameters(), **kwargs)
-
-
 def step_noise(diffusion, global_shape, shard, generator, seed, step):
     """The timesteps and noise of training step `step` for the whole global batch, drawn from
     (seed, step) alone, then sliced to this rank's images: resume and DDP draw what one
@@ -2458,6 +1428,15 @@ def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None)
     return torch.where(drop[shard], -1, y)
 
 
+class Batch(NamedTuple):
+    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, and their labels
+    (-1 = no class) or None."""
+    x_start: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    y: Optional[torch.Tensor] = None
+
+
 def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Processes(), micro_batches=1):
     """One optimizer update on L_simple (Algorithm 1) of a Batch, skipped when the loss or the
     gradient is not finite. `forward` calls the model (under autocast, DDP, compile); the optimizer
@@ -2470,8 +1449,7 @@ def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Pr
     optimizer.zero_grad(set_to_none=True)
     x_start, t, noise, y = batch
     labels = (None,) * micro_batches if y is None else y.tensor_split(micro_batches)
-    parts = zip(x_start.tensor_split(micro_batches), t.tensor_split(micro_batches),
-                noise.tensor_split(micro_batches), labels)
+    parts = zip(*(v.tensor_split(micro_batches) for v in (x_start, t, noise)), labels)
     losses = []
     for i, (x_part, t_part, noise_part, y_part) in enumerate(parts):
         last = i == micro_batches - 1
@@ -2505,130 +1483,59 @@ def step_unless(bad, optimizer, scaler):
         optimizer.step()
 
 
-class Batch(NamedTuple):
-    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, and their labels
-    (-1 = no class) or None."""
-    x_start: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
-    y: Optional[torch.Tensor] = None
+# Training rows fill loss..images_per_s; the row written after each epoch's evaluation fills val_loss
+# (and fid, on --fid_every epochs).
+LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
+                    "bad_steps", "images_per_s", "elapsed_s", "session", "val_loss", "fid")
 
 
-@dataclass
-class TrainState:
-    """Everything a training checkpoint holds, as one object: the UNet (parameters and state dict),
-    its EMA, the optimizer, the LR schedule, the fp16 loss scaler, the meter's unfinished log
-    interval and the counters. state_dict(epoch) is the checkpoint, plain types and tensors (what
-    weights_only loading accepts); no RNG state is needed, as every draw is derived from (seed,
-    step) or (seed, epoch). load_state_dict(ckpt) continues a run exactly where it was saved."""
-    cfg: Config
-    model: nn.Module
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    lr_schedule: LRSchedule
-    scaler: torch.amp.GradScaler
-    meter: "Meter"
-    class_names: tuple = ()   # a class-conditional run's classes, in label order; empty when unconditional
-    num_images: int = 0       # training images: a run resumes on the same data only
-    step: int = 0             # optimizer updates done
-    elapsed_s: float = 0.0    # training wall time over all sessions
-    session: int = 0          # 0 for the first launch, +1 for each resume
-    best_metric: float = math.inf  # lowest validation loss (or FID) so far: best.pt holds its weights
-    bad_epochs: int = 0            # evaluations since it last improved (early stopping)
-
-    @classmethod
-    def new(cls, cfg, data, device, procs=Processes()):
-        """A fresh run's state: the UNet initialised from the global RNG, on the device in its layout."""
-        model = place_model(build_model(cfg, len(data.class_names)), device, use_channels_last(cfg.channels_last, device))
-        ema, optimizer = EMA(model, cfg.ema_decay), build_optimizer(model, cfg)
-        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.amp, device) == torch.float16)
-        return cls(cfg, model, ema, optimizer, LRSchedule(optimizer, cfg, steps_per_epoch(len(data.images), cfg.batch_size)),
-                   scaler, Meter(device, cfg.timesteps, procs), tuple(data.class_names), len(data.images))
-
-    def state_dict(self, epoch):
-        """The checkpoint, named after `epoch`; a class-conditional run also stores its class names."""
-        return dict(**({"class_names": list(self.class_names)} if self.class_names else {}),
-                    format="train_ddpm/2", config=asdict(self.cfg), model=self.model.state_dict(),
-                    ema=self.ema.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scheduler=self.lr_schedule.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
-                    step=self.step, elapsed_s=self.elapsed_s, session=self.session, num_images=self.num_images,
-                    loss_log_step=self.step, meter=self.meter.state_dict(), best_metric=self.best_metric,
-                    bad_epochs=self.bad_epochs, torch_version=str(torch.__version__))
-
-    def load_state_dict(self, ckpt):
-        """Continue the run of a checkpoint (a new session of it), on the same data and classes."""
-        check_same_classes(ckpt, self.class_names, "resume")
-        if ckpt.get("num_images") != self.num_images:
-            raise UserError(f"the training set has {self.num_images} images but the checkpoint was trained on "
-                            f"{ckpt.get('num_images')}; resume with the same data")
-        self.model.load_state_dict(ckpt["model"])
-        self.ema.model.load_state_dict(ckpt["ema"])
-        self.optimizer.load_state_dict(with_kernel_of(self.optimizer, ckpt["optimizer"]))
-        lay_out_like_params(self.optimizer)
-        self.lr_schedule.load_state_dict(ckpt["scheduler"])
-        if self.scaler.is_enabled() and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("meter"):
-            self.meter.load_state_dict(ckpt["meter"])
-        self.step, self.elapsed_s, self.session = ckpt["step"], ckpt["elapsed_s"], ckpt["session"] + 1
-        self.best_metric, self.bad_epochs = ckpt.get("best_metric", math.inf), ckpt.get("bad_epochs", 0)
+def csv_text(columns, rows):
+    """A CSV file's text: the header, then the rows (dicts; keys outside columns ignored)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
 
 
-def checkpoint_bytes(ckpt):
-    """About the size of the checkpoint file: the bytes of its tensors."""
-    if isinstance(ckpt, torch.Tensor):
-        return ckpt.numel() * ckpt.element_size()
-    if isinstance(ckpt, dict):
-        return sum(checkpoint_bytes(v) for v in ckpt.values())
-    if isinstance(ckpt, (list, tuple)):
-        return sum(checkpoint_bytes(v) for v in ckpt)
-    return 0
+class LossLog:
+    """checkpoints/<run>/loss_log.csv, one row per log_every steps, flushed as it goes.
 
+    On resume the rows after the checkpoint's step (written after the last save) are dropped, so
+    the log continues exactly from the checkpoint instead of repeating steps; so is a training row
+    after interval_step, the start of the log interval the checkpoint's Meter was summing (the last
+    row of a run stopped off the --log_every grid): the resumed run writes that interval's row whole.
+    loss_q0..q3 split the loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it.
+    """
 
-def write_training_checkpoint(ckpt, path, keep_last=0, epoch_file=True):
-    """Write atomically; an epoch checkpoint also becomes latest.pt, and older ones are pruned to
-    keep_last."""
-    atomic_torch_save(ckpt, path)
-    if epoch_file:
-        point_latest_at(path)
-        prune_checkpoints(path.parent, keep_last)
+    def __init__(self, path, resume_step=None, interval_step=None):
+        self.path = Path(path)
+        rows = []
+        if resume_step is not None and self.path.exists():
+            last = resume_step if interval_step is None else interval_step
+            rows = [row for row in self._rows_up_to(resume_step)
+                    if int(row["step"]) <= last or not row.get("lr")]  # eval rows have no lr
+        atomic_write_text(csv_text(LOSS_LOG_COLUMNS, rows), self.path)
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=LOSS_LOG_COLUMNS)
 
+    def _rows_up_to(self, last_step):
+        """The rows with steps in order up to last_step; a row torn by a crash is dropped."""
+        rows, previous = [], 0
+        with open(self.path, newline="") as f:
+            for row in csv.DictReader(f):
+                complete = all(row.get(c) not in (None, "") for c in ("step", "epoch", "elapsed_s", "session"))
+                if complete and row["step"].isdigit() and previous <= int(row["step"]) <= last_step:
+                    rows.append(row)
+                    previous = int(row["step"])
+        return rows
 
-def with_kernel_of(optimizer, saved):
-    """A saved optimizer state with this optimizer's kernel flags (fused, foreach): load_state_dict
-    would otherwise take them from the file, and --fused_adamw may change on resume."""
-    groups = [{**group, **{k: now[k] for k in ("fused", "foreach") if k in now}}
-              for group, now in zip(saved["param_groups"], optimizer.param_groups)]
-    return {**saved, "param_groups": groups}
+    def write(self, **row):
+        self.writer.writerow({name: row.get(name, "") for name in LOSS_LOG_COLUMNS})
+        self.file.flush()
 
-
-def lay_out_like_params(optimizer):
-    """Give each parameter's optimizer state (Adam's moments) the parameter's strides: a run may
-    resume with another memory layout (CPU -> GPU, or --channels_last changed), and fused AdamW
-    refuses a parameter and its state of different layouts."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
-
-
-def check_same_classes(ckpt, class_names, action):
-    """A class-conditional checkpoint continues only on data with the same classes, in the same order."""
-    saved = tuple(ckpt.get("class_names") or ())
-    if saved != tuple(class_names):
-        raise UserError(f"cannot {action}: the checkpoint was trained on the classes {', '.join(saved) or '(none)'} "
-                        f"but the data has {', '.join(class_names) or '(none)'}")
-
-
-def start_from_weights(path, model, ema, class_names=()):
-    """--init_from: the weights and EMA of a checkpoint (one set of weights for both from an export
-    or a diffusers folder); everything else starts fresh."""
-    ckpt = read_checkpoint(resolve_checkpoint_path(path))
-    check_same_classes(ckpt, class_names, f"start from {path}")
-    model.load_state_dict(ckpt["model"])
-    ema.model.load_state_dict(ckpt.get("ema", ckpt["model"]))
-    print(f"weights{' and EMA' if 'ema' in ckpt else ''} from {path}")
+    def close(self):
+        self.file.close()
 
 
 class Meter:
@@ -2737,44 +1644,24 @@ class Validator:
         return total.item() / len(self.images)
 
 
-def preview_labels(class_names, per_class):
-    """The labels of a class-conditional preview, per_class of each class in order; None when unconditional."""
-    return torch.arange(len(class_names)).repeat_interleave(per_class) if class_names else None
-
-
-def write_preview(paths, ema_model, diffusion, noise, spec, epoch, classes=None, class_names=()):
-    """A grid of samples (SamplingSpec.for_previews) from the fixed preview noise: (its PNG path, the
-    images in [-1, 1]). A class-conditional model's grid has a row per class, named in the picture."""
-    images = diffusion.sample(ema_model, noise.shape, spec, noise=noise, classes=classes)
-    path = paths.samples / f"epoch_{epoch:04d}.png"
-    if class_names:
-        save_labelled_grid(images, class_names, path, title=f"w = {spec.guidance_scale:g}")
+def write_preview(run, epoch):
+    """The epoch's grid of samples (SamplingSpec.for_previews) of the EMA model, from the same noise
+    every time so that grids from different epochs are comparable, to the samples folder and
+    TensorBoard. A class-conditional run previews --num_preview images of every class, a row each,
+    named in the picture."""
+    cfg, names = run.cfg, run.state.class_names
+    shape = (cfg.num_preview * max(1, len(names)), 3, cfg.image_size, cfg.image_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
+    classes = torch.arange(len(names)).repeat_interleave(cfg.num_preview) if names else None
+    spec = SamplingSpec("ddim", cfg.preview_steps, clip_x0=cfg.clip_x0, guidance_scale=cfg.guidance_scale)
+    images = run.diffusion.sample(run.ema_forward, shape, spec, noise=noise, classes=classes)
+    path = run.paths.samples / f"epoch_{epoch:04d}.png"
+    if names:
+        save_labelled_grid(images, names, path, title=f"w = {spec.guidance_scale:g}")
     else:
         save_grid(images, path)
-    return path, images
-
-
-class FidDuringTraining:
-    """FID of the EMA model every --fid_every epochs: --fid_samples images from 20-step DPM-Solver++,
-    against the whole training set (statistics cached beside the runs), logged to fid_log.csv. A
-    class-conditional model is scored on samples of every class in turn, at --guidance_scale."""
-
-    def __init__(self, cfg, paths, device, class_names=()):
-        self.cfg, self.paths, self.device = cfg, paths, device
-        self.classes = torch.arange(cfg.fid_samples) % len(class_names) if class_names else None
-        self.spec = SamplingSpec.for_fid(cfg, bool(class_names))
-        self.extractor = build_fid_inception(cfg.fid_weights or None, device)
-        self.reference, self.reference_name = reference_images(cfg, cfg.data_dir)
-
-    def __call__(self, ema_model, diffusion, step):
-        shape = (self.cfg.fid_samples, 3, self.cfg.image_size, self.cfg.image_size)
-        images = generate_samples(ema_model, diffusion, self.spec, shape, self.cfg.seed, self.cfg.batch_size,
-                                  self.classes)
-        info = dict(self.spec.log_row(self.classes is not None), checkpoint="(training)", step=step, source="ema",
-                    classes="" if self.classes is None else "all", precision=precision_name(ema_model.dtype))
-        scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor, self.paths.checkpoints,
-                              info, self.device)
-        return scores["fid"]
+    run.board.image("preview", images, run.state.step)
+    tqdm.write(f"preview: {path}")
 
 
 class Board:
@@ -2806,29 +1693,101 @@ class Board:
             self.writer.close()
 
 
-def compile_model(net, cfg, world):
-    """torch.compile outside DDP, so that dynamo's DDP optimizer can overlap gradient buckets with the
-    backward. That optimizer splits the graph at bucket boundaries, which the activation checkpoint's
-    higher-order op does not survive (pytorch/pytorch#104674): with --grad_checkpointing on several
-    processes, compile the whole graph instead (gradients are then all-reduced after the backward)."""
-    if world > 1 and cfg.grad_checkpointing:
-        torch._dynamo.config.optimize_ddp = False
-    return torch.compile(net)
+@dataclass
+class TrainState:
+    """Everything a training checkpoint holds, as one object: the UNet (parameters and state dict),
+    its EMA, the optimizer, the LR schedule, the fp16 loss scaler, the meter's unfinished log
+    interval and the counters. state_dict(epoch) is the checkpoint, plain types and tensors (what
+    weights_only loading accepts); no RNG state is needed, as every draw is derived from (seed,
+    step) or (seed, epoch). load_state_dict(ckpt) continues a run exactly where it was saved."""
+    cfg: Config
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    lr_schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    meter: "Meter"
+    class_names: tuple = ()   # a class-conditional run's classes, in label order; empty when unconditional
+    num_images: int = 0       # training images: a run resumes on the same data only
+    step: int = 0             # optimizer updates done
+    elapsed_s: float = 0.0    # training wall time over all sessions
+    session: int = 0          # 0 for the first launch, +1 for each resume
+    best_metric: float = math.inf  # lowest validation loss (or FID) so far: best.pt holds its weights
+    bad_epochs: int = 0            # evaluations since it last improved (early stopping)
+
+    @classmethod
+    def new(cls, cfg, data, device, procs=Processes()):
+        """A fresh run's state: the UNet initialised from the global RNG, on the device in its layout."""
+        model = place_model(build_model(cfg, len(data.class_names)), device, use_channels_last(cfg.channels_last, device))
+        ema, optimizer = EMA(model, cfg.ema_decay), build_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.amp, device) == torch.float16)
+        return cls(cfg, model, ema, optimizer, LRSchedule(optimizer, cfg, steps_per_epoch(len(data.images), cfg.batch_size)),
+                   scaler, Meter(device, cfg.timesteps, procs), tuple(data.class_names), len(data.images))
+
+    def state_dict(self, epoch):
+        """The checkpoint, named after `epoch`; a class-conditional run also stores its class names."""
+        return dict(**({"class_names": list(self.class_names)} if self.class_names else {}),
+                    format="train_ddpm/2", config=asdict(self.cfg), model=self.model.state_dict(),
+                    ema=self.ema.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.lr_schedule.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
+                    step=self.step, elapsed_s=self.elapsed_s, session=self.session, num_images=self.num_images,
+                    loss_log_step=self.step, meter=self.meter.state_dict(), best_metric=self.best_metric,
+                    bad_epochs=self.bad_epochs, torch_version=str(torch.__version__))
+
+    def load_state_dict(self, ckpt):
+        """Continue the run of a checkpoint (a new session of it), on the same data and classes."""
+        check_same_classes(ckpt, self.class_names, "resume")
+        if ckpt.get("num_images") != self.num_images:
+            raise UserError(f"the training set has {self.num_images} images but the checkpoint was trained on "
+                            f"{ckpt.get('num_images')}; resume with the same data")
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.model.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(with_kernel_of(self.optimizer, ckpt["optimizer"]))
+        lay_out_like_params(self.optimizer)
+        self.lr_schedule.load_state_dict(ckpt["scheduler"])
+        if self.scaler.is_enabled() and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("meter"):
+            self.meter.load_state_dict(ckpt["meter"])
+        self.step, self.elapsed_s, self.session = ckpt["step"], ckpt["elapsed_s"], ckpt["session"] + 1
+        self.best_metric, self.bad_epochs = ckpt.get("best_metric", math.inf), ckpt.get("bad_epochs", 0)
 
 
-def set_tf32(tf32):
-    """TF32 in fp32 matmuls and convolutions, on or off, through the API the running torch has:
-    fp32_precision from torch 2.9, which deprecates the allow_tf32 flags and raises where the two
-    are mixed."""
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if tf32 else "ieee"
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+def with_kernel_of(optimizer, saved):
+    """A saved optimizer state with this optimizer's kernel flags (fused, foreach): load_state_dict
+    would otherwise take them from the file, and --fused_adamw may change on resume."""
+    groups = [{**group, **{k: now[k] for k in ("fused", "foreach") if k in now}}
+              for group, now in zip(saved["param_groups"], optimizer.param_groups)]
+    return {**saved, "param_groups": groups}
 
 
-def set_fast_math(tf32):
-    set_tf32(tf32)
-    torch.backends.cudnn.benchmark = True  # shapes never change: pick the fastest convolutions once
+def lay_out_like_params(optimizer):
+    """Give each parameter's optimizer state (Adam's moments) the parameter's strides: a run may
+    resume with another memory layout (CPU -> GPU, or --channels_last changed), and fused AdamW
+    refuses a parameter and its state of different layouts."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def check_same_classes(ckpt, class_names, action):
+    """A class-conditional checkpoint continues only on data with the same classes, in the same order."""
+    saved = tuple(ckpt.get("class_names") or ())
+    if saved != tuple(class_names):
+        raise UserError(f"cannot {action}: the checkpoint was trained on the classes {', '.join(saved) or '(none)'} "
+                        f"but the data has {', '.join(class_names) or '(none)'}")
+
+
+def start_from_weights(path, model, ema, class_names=()):
+    """--init_from: the weights and EMA of a checkpoint (one set of weights for both from an export
+    or a diffusers folder); everything else starts fresh."""
+    ckpt = read_checkpoint(resolve_checkpoint_path(path))
+    check_same_classes(ckpt, class_names, f"start from {path}")
+    model.load_state_dict(ckpt["model"])
+    ema.model.load_state_dict(ckpt.get("ema", ckpt["model"]))
+    print(f"weights{' and EMA' if 'ema' in ckpt else ''} from {path}")
 
 
 def train(cfg, resume_from=None):
@@ -2852,7 +1811,7 @@ def train(cfg, resume_from=None):
         state.load_state_dict(resume_from)
     elif cfg.init_from:
         start_from_weights(cfg.init_from, state.model, state.ema, data.class_names)
-    run = build_run(cfg, paths, procs, device, data, state)
+    run = Run(cfg, paths, procs, device, data, state)
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
     lock = RunLock(paths.checkpoints) if procs.main else None
     try:
@@ -2877,65 +1836,46 @@ def load_training_data(cfg, procs, device):
     return data._replace(images=data.images.to(device), labels=None if data.labels is None else data.labels.to(device))
 
 
-@dataclass
 class Run:
-    """What the training loop works with besides the TrainState: built by build_run()."""
-    cfg: Config
-    paths: "RunPaths"
-    procs: Processes
-    device: torch.device
-    data: TrainingData        # training images (uint8) and labels on the device
-    state: TrainState
-    diffusion: GaussianDiffusion
-    forward: nn.Module        # how a step calls the UNet: autocast, channels_last, DDP, compile
-    ema_forward: nn.Module    # how previews and evaluation call the EMA model
-    n_batches: int            # steps per epoch
-    total_steps: int
-    validator: Optional[Validator]
-    fid: Optional["FidDuringTraining"]
-    board: Board
-    shard: slice              # this process's images of each global batch
-    check_every: int          # steps between the host syncs of the stop checks (DDP)
-    noise_generator: torch.Generator
-    label_generator: torch.Generator
-
-
-def build_run(cfg, paths, procs, device, data, state):
-    """The Run of a TrainState, checked: it refuses a run already at its end, and fails on a missing
+    """What the training loop works with besides the TrainState (data: the training images (uint8)
+    and labels on the device), checked: it refuses a run already at its end, and fails on a missing
     optional package (FID, TensorBoard) before anything is written."""
-    channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
-    net = state.model
-    if procs.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = compile_model(net, cfg, procs.world)
-    n_batches, val = steps_per_epoch(len(data.images), cfg.batch_size), data.val
-    print(f"UNet: {count_parameters(state.model) / 1e6:.2f}M parameters | {len(data.images):,} training images"
-          f"{f' of {len(data.class_names)} classes' if data.class_names else ''}, "
-          f"{n_batches} steps per epoch | {0 if val is None else len(val):,} validation images "
-          f"| {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
-          f"{precision_name(amp_dtype)} autocast"
-          f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}")
-    if amp_dtype == torch.float16 and device.type == "cpu":
-        print("warning: CPUs have no fast fp16 kernels, so --amp fp16 is slow here; use --amp bf16 or off",
-              file=sys.stderr)
-    total_steps = planned_steps(cfg, n_batches)
-    if state.step >= total_steps:
-        raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
-                        f"raise --epochs or --max_steps to train further")
-    if cfg.max_minutes and state.elapsed_s >= 60 * cfg.max_minutes:
-        raise UserError(f"the run has already trained {state.elapsed_s / 60:.1f} minutes; "
-                        f"raise --max_minutes to train further")
-    return Run(cfg, paths, procs, device, data, state, build_diffusion(cfg).to(device),
-               forward=Precision(net, device, amp_dtype, channels_last),
-               ema_forward=Precision(state.ema.model, device, amp_dtype, channels_last),
-               n_batches=n_batches, total_steps=total_steps,
-               validator=Validator(val.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
-               if val is not None and procs.main else None,
-               fid=FidDuringTraining(cfg, paths, device, data.class_names) if cfg.fid_every and procs.main else None,
-               board=Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None),
-               shard=procs.shard(cfg.batch_size), check_every=min(cfg.log_every, cfg.max_bad_steps),
-               noise_generator=torch.Generator(device), label_generator=torch.Generator(device))
+
+    def __init__(self, cfg, paths, procs, device, data, state):
+        self.cfg, self.paths, self.procs, self.device, self.data, self.state = cfg, paths, procs, device, data, state
+        channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
+        net = state.model
+        if procs.world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            net = compile_model(net, cfg, procs.world)
+        n_batches, val = steps_per_epoch(len(data.images), cfg.batch_size), data.val
+        print(f"UNet: {count_parameters(state.model) / 1e6:.2f}M parameters | {len(data.images):,} training images"
+              f"{f' of {len(data.class_names)} classes' if data.class_names else ''}, "
+              f"{n_batches} steps per epoch | {0 if val is None else len(val):,} validation images "
+              f"| {device}{f' x {procs.world} processes' if procs.world > 1 else ''}, "
+              f"{precision_name(amp_dtype)} autocast"
+              f"{', channels_last' if channels_last else ''}{', compiled' if cfg.compile else ''}")
+        if amp_dtype == torch.float16 and device.type == "cpu":
+            print("warning: CPUs have no fast fp16 kernels, so --amp fp16 is slow here; use --amp bf16 or off",
+                  file=sys.stderr)
+        self.n_batches, self.total_steps = n_batches, planned_steps(cfg, n_batches)  # n_batches: steps per epoch
+        if state.step >= self.total_steps:
+            raise UserError(f"the run is already at step {state.step} (epoch {state.step // n_batches}); "
+                            f"raise --epochs or --max_steps to train further")
+        if cfg.max_minutes and state.elapsed_s >= 60 * cfg.max_minutes:
+            raise UserError(f"the run has already trained {state.elapsed_s / 60:.1f} minutes; "
+                            f"raise --max_minutes to train further")
+        self.diffusion = build_diffusion(cfg).to(device)
+        self.forward = Precision(net, device, amp_dtype, channels_last)  # autocast, channels_last, DDP, compile
+        self.ema_forward = Precision(state.ema.model, device, amp_dtype, channels_last)  # previews, evaluation
+        self.validator = (Validator(val.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
+                          if val is not None and procs.main else None)
+        self.fid = FidDuringTraining(cfg, paths, device, data.class_names) if cfg.fid_every and procs.main else None
+        self.board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
+        self.shard = procs.shard(cfg.batch_size)  # this process's images of each global batch
+        self.check_every = min(cfg.log_every, cfg.max_bad_steps)  # steps between the stop checks' host syncs (DDP)
+        self.noise_generator, self.label_generator = torch.Generator(device), torch.Generator(device)
 
 
 def train_loop(run, resumed=False):
@@ -3056,12 +1996,7 @@ def end_of_epoch(run, stop, signals, log, saver):
             improved, early = evaluate(run, log, epoch, finished)
             finished = finished or early
         if cfg.sample_every and (epoch % cfg.sample_every == 0 or finished) and not signals.received:
-            path, grid = write_preview(run.paths, run.ema_forward, run.diffusion, preview_noise(cfg, state, run.device),
-                                       SamplingSpec.for_previews(cfg), epoch, preview_labels(state.class_names,
-                                                                                            cfg.num_preview),
-                                       state.class_names)
-            run.board.image("preview", grid, state.step)
-            tqdm.write(f"preview: {path}")
+            write_preview(run, epoch)
         if epoch % cfg.save_every == 0 or finished or signals.received:
             saver.save(epoch)
         if improved:
@@ -3073,79 +2008,145 @@ def end_of_epoch(run, stop, signals, log, saver):
     return stop or ("signal" if agreed_signal(signals, procs, run.device) else None)
 
 
-def preview_noise(cfg, state, device):
-    """The same noise for every preview, so grids from different epochs are comparable; a
-    class-conditional run previews --num_preview images of every class, a row each."""
-    shape = (cfg.num_preview * max(1, len(state.class_names)), 3, cfg.image_size, cfg.image_size)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+def evaluate(run, log, epoch, finished):
+    """Validation loss (and FID on --fid_every epochs) of the EMA weights after an epoch, logged.
+    Returns (improved on the best so far, early stopping says stop)."""
+    cfg, state = run.cfg, run.state
+    metrics = {}
+    if run.validator is not None:
+        metrics["val_loss"] = run.validator.loss(run.ema_forward, run.diffusion)
+    if run.fid is not None and (epoch % cfg.fid_every == 0 or finished):
+        metrics["fid"] = run.fid(run.ema_forward, run.diffusion, state.step)
+    if not metrics:
+        return False, False
+    log.write(step=state.step, epoch=f"{state.step / run.n_batches:.4f}", elapsed_s=f"{state.meter.elapsed():.1f}",
+              session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
+    run.board.scalars("eval", metrics, state.step)
+    tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
+    monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
+    if monitored is None:
+        return False, False
+    improved = monitored < state.best_metric
+    state.best_metric = min(state.best_metric, monitored)
+    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+    stop = cfg.early_stopping and state.bad_epochs >= cfg.patience
+    if stop:
+        tqdm.write(f"early stopping: no better {'FID' if cfg.fid_every else 'validation loss'} for "
+                   f"{state.bad_epochs} evaluations; the best weights are in best.pt")
+    return improved, stop
 
 
-def agreed_signal(signals, procs, device):
-    """The signal received (by any rank: all must stop at the same step), or None; kept as
-    signals.agreed, the one the run stops for (SIGTERM on a rank that received none itself)."""
-    if not procs.any(signals.received is not None, device):
-        return None
-    received = signals.agreed = signals.received or signal.SIGTERM
-    if procs.main:
-        tqdm.write(f"{signal.Signals(received).name}: saving, then stopping (Ctrl-C again quits at once)",
-                   file=sys.stderr)
-    return received
+# --- Run safety: run folders, atomic checkpoints, resume, locks, signals --------------------------
+
+@dataclass
+class RunPaths:
+    checkpoints: Path
+    samples: Path
+
+    @classmethod
+    def of(cls, cfg):
+        return cls(Path(cfg.checkpoint_dir) / cfg.run_name, Path(cfg.samples_dir) / cfg.run_name)
+
+    @property
+    def loss_log(self):
+        return self.checkpoints / "loss_log.csv"
 
 
-class Stopped(Exception):
-    """The run stopped early on purpose (a signal, or non-finite steps): a message and an exit code."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
-
-def resume_command(checkpoint, procs):
-    launcher = f" --num_gpus {procs.world}" if procs.world > 1 else ""
-    return f"python {Path(sys.argv[0]).name or 'train_ddpm.py'} --mode train --resume {checkpoint}{launcher}"
+def refuse_existing_run(paths):
+    """Never overwrite a run: a new run needs a run folder without checkpoints. A loss log alone is
+    what a run stopped before its first save leaves; with nothing to resume, it is started afresh."""
+    if find_latest_checkpoint(paths.checkpoints) is not None:
+        raise UserError(f"{paths.checkpoints} already holds checkpoints of a run; continue it with "
+                        f"--resume latest, or start a new one with another --run_name")
+    if paths.loss_log.exists():
+        print(f"note: {paths.checkpoints} has a loss log but no checkpoint (a run stopped before its first "
+              f"save); starting it afresh")
 
 
-def stop_message(stop, signum, saver, procs):
-    """The Stopped of a run stopped by non-finite steps (bad) or a signal: what happened, whether it
-    was saved, how to resume."""
-    cfg = saver.state.cfg
-    checkpoint = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
-    resume = f"resume with: {resume_command(checkpoint, procs)}" if checkpoint else "no checkpoint was written"
-    if saver.last_step != saver.state.step:
-        resume = f"the last save failed (see the warning); {resume}"
-    if stop == "bad":
-        return Stopped(f"stopped: {cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were "
-                       f"skipped, so the weights are the last good ones ({checkpoint}); likely causes: a learning rate "
-                       f"too high (--learning_rate {cfg.learning_rate:g}), fp16 overflow (use --amp bf16 or off), "
-                       f"no gradient clipping, or broken input images; {resume} and changed flags", 1)
-    name = signal.Signals(signum).name
-    outcome = "saved" if saver.last_step == saver.state.step else "not saved"
-    return Stopped(f"{name}: stopped at step {saver.state.step} and {outcome}; {resume}", 128 + signum)
+def checkpoint_name(timesteps, epoch):
+    return f"ddpm_ts{timesteps}_epoch{epoch:04d}.pt"
 
 
-class GracefulStop:
-    """SIGINT (Ctrl-C) and SIGTERM while training: the first lets the step finish and the run save
-    (see received); a second one quits at once, and the atomic writes leave every file whole. The
-    handler only records: printing from it could land inside another write to the terminal."""
+def atomic_write(path, write):
+    """Call write(f) on a temp file in the same folder, fsync, then rename: a crash leaves the old
+    file or the new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
-    def __init__(self):
-        self.received, self.agreed, self.previous = None, None, {}
 
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
 
-    def __exit__(self, *error):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
-    def _handle(self, signum, frame):
-        if self.received is not None:
-            raise Stopped(f"{signal.Signals(signum).name} again: quit at once; the files written so far are "
-                          f"whole (the newest checkpoint is in latest.pt)", 128 + signum)
-        self.received = signum
+def atomic_write_text(text, path):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some platforms (Windows)
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def point_latest_at(checkpoint_path):
+    """Make latest.pt the same file as checkpoint_path: a hard link renamed into place (atomic,
+    no second copy on disk), or an atomic copy where the file system has no hard links."""
+    checkpoint_path = Path(checkpoint_path)
+    latest = checkpoint_path.with_name("latest.pt")
+    tmp = latest.with_name(f".latest.pt.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(checkpoint_path, tmp)
+        os.replace(tmp, latest)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_torch_save(torch.load(checkpoint_path, map_location="cpu", weights_only=True), latest)
+    _fsync_dir(latest.parent)
+
+
+def epoch_checkpoints(run_dir):
+    return sorted(Path(run_dir).glob("ddpm_ts*_epoch*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def prune_checkpoints(run_dir, keep_last):
+    if keep_last > 0:
+        for old in epoch_checkpoints(run_dir)[:-keep_last]:
+            old.unlink()
+
+
+def find_latest_checkpoint(run_dir):
+    """latest.pt in run_dir, else the newest epoch checkpoint; None when the folder holds none."""
+    run_dir = Path(run_dir)
+    if (run_dir / "latest.pt").is_file():
+        return run_dir / "latest.pt"
+    found = epoch_checkpoints(run_dir) if run_dir.is_dir() else []
+    return found[-1] if found else None
+
+
+def checkpoint_bytes(ckpt):
+    """About the size of the checkpoint file: the bytes of its tensors."""
+    if isinstance(ckpt, torch.Tensor):
+        return ckpt.numel() * ckpt.element_size()
+    if isinstance(ckpt, dict):
+        return sum(checkpoint_bytes(v) for v in ckpt.values())
+    if isinstance(ckpt, (list, tuple)):
+        return sum(checkpoint_bytes(v) for v in ckpt)
+    return 0
 
 
 class Saver:
@@ -3174,7 +2175,10 @@ class Saver:
                        file=sys.stderr)
             return None
         try:
-            write_training_checkpoint(ckpt, path, self.cfg.keep_last, epoch_file=name is None)
+            atomic_torch_save(ckpt, path)
+            if name is None:  # an epoch checkpoint also becomes latest.pt, and older ones are pruned
+                point_latest_at(path)
+                prune_checkpoints(path.parent, self.cfg.keep_last)
         except OSError as e:
             tqdm.write(f"warning: could not save {path} ({e.strerror or e}); the previous checkpoint is kept",
                        file=sys.stderr)
@@ -3185,6 +2189,71 @@ class Saver:
                 tqdm.write(f"checkpoint: {path}")
         self.state.meter.pause(time.perf_counter() - start)
         return path
+
+
+# Fields added after checkpoints were first written, with the value those older checkpoints were
+# trained with: a saved config without the field gets this value, not today's default.
+LEGACY_VALUES = dict(norm_eps=1e-5, downsample_padding="symmetric", norm_min_channels=1)
+
+
+def config_from_dict(values):
+    """A Config from a saved dict: lists back to tuples, unknown keys (from other versions) ignored,
+    missing keys of LEGACY_VALUES given the value the checkpoint was trained with."""
+    known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in CONFIG_FIELDS}
+    return Config(**{**LEGACY_VALUES, **known})
+
+
+_TORCH_LOAD_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation",
+                           "(1)", "(2)", "In PyTorch")
+
+
+def _load_failure_reason(error):
+    """The informative line of a torch.load error. For a weights_only refusal that is the object it
+    refused (e.g. a blocked os.system), not torch's generic advice to load the file unsafely."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    if not lines[0].startswith("Weights only load failed"):
+        return lines[0].split(". ")[0][:300]
+    details = [line.split("WeightsUnpickler error:")[-1].strip() for line in lines
+               if not line.startswith(_TORCH_LOAD_BOILERPLATE)]
+    detail = next((d for d in details if d), "unsupported content")
+    return f"refused to unpickle it, as only plain weights are ever loaded: {detail[:300]}"
+
+
+def read_checkpoint(path):
+    """The checkpoint dict, loaded without running any pickled code: torch.load(weights_only=True),
+    which unpickles only tensors and plain containers, a weights-only .safetensors file, or a
+    diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        return read_diffusers(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        good = newest_good_checkpoint(path)
+        hint = (f"; resume from {good} instead, the newest checkpoint there that loads" if good else
+                f"; no other checkpoint in {path.parent} loads")
+        raise UserError(f"checkpoint {path} is unreadable or corrupt ({_load_failure_reason(e)}){hint}") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+        raise UserError(f"{path} is not a train_ddpm.py checkpoint (no model and config inside)")
+    return ckpt
+
+
+def newest_good_checkpoint(bad):
+    """The newest other checkpoint beside `bad` that loads, or None."""
+    folder = Path(bad).parent
+    candidates = [p for p in folder.glob("*.pt") if p.is_file() and not p.samefile(bad)]
+    for p in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:
+            continue
+        if isinstance(ckpt, dict) and {"model", "config"} <= ckpt.keys():
+            return p
+    return None
 
 
 class RunLock:
@@ -3252,39 +2321,136 @@ def _process_alive(pid):
     return True
 
 
-def evaluate(run, log, epoch, finished):
-    """Validation loss (and FID on --fid_every epochs) of the EMA weights after an epoch, logged.
-    Returns (improved on the best so far, early stopping says stop)."""
-    cfg, state = run.cfg, run.state
-    metrics = {}
-    if run.validator is not None:
-        metrics["val_loss"] = run.validator.loss(run.ema_forward, run.diffusion)
-    if run.fid is not None and (epoch % cfg.fid_every == 0 or finished):
-        metrics["fid"] = run.fid(run.ema_forward, run.diffusion, state.step)
-    if not metrics:
-        return False, False
-    log.write(step=state.step, epoch=f"{state.step / run.n_batches:.4f}", elapsed_s=f"{state.meter.elapsed():.1f}",
-              session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
-    run.board.scalars("eval", metrics, state.step)
-    tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
-    monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
-    if monitored is None:
-        return False, False
-    improved = monitored < state.best_metric
-    state.best_metric = min(state.best_metric, monitored)
-    state.bad_epochs = 0 if improved else state.bad_epochs + 1
-    stop = cfg.early_stopping and state.bad_epochs >= cfg.patience
-    if stop:
-        tqdm.write(f"early stopping: no better {'FID' if cfg.fid_every else 'validation loss'} for "
-                   f"{state.bad_epochs} evaluations; the best weights are in best.pt")
-    return improved, stop
+class GracefulStop:
+    """SIGINT (Ctrl-C) and SIGTERM while training: the first lets the step finish and the run save
+    (see received); a second one quits at once, and the atomic writes leave every file whole. The
+    handler only records: printing from it could land inside another write to the terminal."""
+
+    def __init__(self):
+        self.received, self.agreed, self.previous = None, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *error):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise Stopped(f"{signal.Signals(signum).name} again: quit at once; the files written so far are "
+                          f"whole (the newest checkpoint is in latest.pt)", 128 + signum)
+        self.received = signum
 
 
-# --- Sampling from a checkpoint ---------------------------------------------------------------------
+def agreed_signal(signals, procs, device):
+    """The signal received (by any rank: all must stop at the same step), or None; kept as
+    signals.agreed, the one the run stops for (SIGTERM on a rank that received none itself)."""
+    if not procs.any(signals.received is not None, device):
+        return None
+    received = signals.agreed = signals.received or signal.SIGTERM
+    if procs.main:
+        tqdm.write(f"{signal.Signals(received).name}: saving, then stopping (Ctrl-C again quits at once)",
+                   file=sys.stderr)
+    return received
 
-def hardware_flags(args):
-    """(amp, channels_last) of --mode sample/eval: the flags if given, else auto."""
-    return args.amp or "auto", args.channels_last or "auto"
+
+class Stopped(Exception):
+    """The run stopped early on purpose (a signal, or non-finite steps): a message and an exit code."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+def resume_command(checkpoint, procs):
+    launcher = f" --num_gpus {procs.world}" if procs.world > 1 else ""
+    return f"python {Path(sys.argv[0]).name or 'train_ddpm.py'} --mode train --resume {checkpoint}{launcher}"
+
+
+def stop_message(stop, signum, saver, procs):
+    """The Stopped of a run stopped by non-finite steps (bad) or a signal: what happened, whether it
+    was saved, how to resume."""
+    cfg = saver.state.cfg
+    checkpoint = saver.last_path or find_latest_checkpoint(saver.paths.checkpoints)
+    resume = f"resume with: {resume_command(checkpoint, procs)}" if checkpoint else "no checkpoint was written"
+    if saver.last_step != saver.state.step:
+        resume = f"the last save failed (see the warning); {resume}"
+    if stop == "bad":
+        return Stopped(f"stopped: {cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were "
+                       f"skipped, so the weights are the last good ones ({checkpoint}); likely causes: a learning rate "
+                       f"too high (--learning_rate {cfg.learning_rate:g}), fp16 overflow (use --amp bf16 or off), "
+                       f"no gradient clipping, or broken input images; {resume} and changed flags", 1)
+    name = signal.Signals(signum).name
+    outcome = "saved" if saver.last_step == saver.state.step else "not saved"
+    return Stopped(f"{name}: stopped at step {saver.state.step} and {outcome}; {resume}", 128 + signum)
+
+
+# --- Sampling and evaluating a checkpoint: --mode sample and eval ---------------------------------
+
+def resolve_checkpoint_path(path):
+    """A checkpoint file or diffusers folder, or a run folder meaning its newest checkpoint."""
+    path = Path(path)
+    if path.is_dir() and diffusers_unet_folder(path) is None:
+        found = find_latest_checkpoint(path)
+        if found is None:
+            raise UserError(f"no checkpoints in {path}; train first or name a .pt file")
+        return found
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    return path
+
+
+def sampling_source(ckpt, use_ema=True):
+    """The key of the weights that sampling and exports use: "ema" unless use_ema=False or the
+    checkpoint keeps none (an export or a diffusers folder holds one set, under "model")."""
+    return "ema" if use_ema and "ema" in ckpt else "model"
+
+
+def sampling_weights(ckpt, use_ema=True):
+    """Those weights in words: "ema", "raw", or "stored" for the one set of an export or diffusers folder."""
+    if sampling_source(ckpt, use_ema) == "ema":
+        return "ema"
+    return "raw" if "ema" in ckpt or "optimizer" in ckpt else "stored"
+
+
+def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
+    """Load a checkpoint for sampling: returns (model in eval mode, diffusion, Config).
+
+    `path` is a .pt checkpoint, a .safetensors export, a run folder (its newest checkpoint) or a
+    diffusers DDPMPipeline/UNet2DModel folder. The architecture and schedule come from the checkpoint;
+    the weights are the EMA weights unless use_ema=False. The model is a Precision caller (--amp,
+    --channels_last) of the UNet.
+    """
+    return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path)), use_ema, device, amp, channels_last)
+
+
+def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
+    """(model in eval mode, diffusion, Config) from a checkpoint dict already read."""
+    cfg = config_from_dict(ckpt["config"])
+    model = build_model(cfg, len(ckpt.get("class_names") or ()))
+    model.load_state_dict(ckpt[sampling_source(ckpt, use_ema)])
+    device = torch.device(device)
+    layout = use_channels_last(channels_last, device)
+    model = place_model(model, device, layout).eval()
+    caller = Precision(model, device, autocast_dtype(amp, device), layout)
+    caller.class_names = tuple(ckpt.get("class_names") or ())  # a class-conditional model's labels, in order
+    return caller, build_diffusion(cfg).to(device), cfg
+
+
+def check_writable_folder(folder, flag):
+    """Refuse (before any work) a folder that cannot be created or written: a file in its way, or
+    no write permission on the nearest folder that exists."""
+    folder = existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: no permission to write in {existing}")
 
 
 def unique_stem(folder, stem):
@@ -3296,9 +2462,36 @@ def unique_stem(folder, stem):
     return candidate
 
 
-def checked_sampling_steps(args, cfg):
-    """Range-check the sampling flags (--eta, --batch_size, --sampling_steps against the checkpoint's
-    T) before any work; returns the number of steps (default T)."""
+class SamplingJob(NamedTuple):
+    """What --mode sample and eval, and FID during training, draw: the model's config, the
+    SamplingSpec, the labels (N,) or None, the seed, the classes' name in file names and FID logs
+    ("" without classes), and the number of images, made batch_size at a time."""
+    cfg: Config
+    spec: SamplingSpec
+    classes: Optional[torch.Tensor]
+    seed: int
+    class_label: str
+    num_samples: int
+    batch_size: int
+
+    def draw(self, model, diffusion, procs=Processes()):
+        """The images, uint8 (N, H, W, 3) (see generate_samples)."""
+        shape = (self.num_samples, 3, self.cfg.image_size, self.cfg.image_size)
+        return generate_samples(model, diffusion, self.spec, shape, self.seed, self.batch_size, self.classes, procs)
+
+    def fid_info(self, model, **columns):
+        """`columns` and the sampling columns of a fid_log.csv row for these images of `model`."""
+        spec = self.spec
+        return dict(columns, sampler=spec.sampler, steps=spec.steps, spacing=spec.grid_spacing, clip=spec.clip_x0,
+                    eta=spec.eta, classes=self.class_label, precision=precision_name(model.dtype),
+                    guidance_scale=f"{spec.guidance_scale:g}" if self.class_label else "")
+
+
+def sampling_job(args, ckpt, num_samples):
+    """The SamplingJob of the flags, every flag checked before any work (--eta, --batch_size,
+    --sampling_steps against the checkpoint's T, the classes): each flag left out takes the
+    checkpoint's value (seed, --clip_x0, --guidance_scale) or the default (T steps, batches of 128)."""
+    cfg = config_from_dict(ckpt["config"])
     if args.eta < 0:
         raise UserError("--eta must be >= 0")
     if args.batch_size is not None and args.batch_size < 1:
@@ -3306,35 +2499,11 @@ def checked_sampling_steps(args, cfg):
     steps = args.sampling_steps or cfg.timesteps
     if not 1 <= steps <= cfg.timesteps:
         raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
-    return steps
-
-
-class SamplingJob(NamedTuple):
-    """What --mode sample and eval draw: the checkpoint's config, the SamplingSpec from the flags,
-    the labels (N,) or None, the seed, and the classes' name in file names ("" without classes)."""
-    cfg: Config
-    spec: SamplingSpec
-    classes: Optional[torch.Tensor]
-    seed: int
-    class_label: str
-
-
-def sampling_job(args, ckpt, num_samples):
-    """The SamplingJob of the flags, every flag checked before any work: each flag left out takes
-    the checkpoint's value (seed, --clip_x0, --guidance_scale) or the sampler's default."""
-    cfg = config_from_dict(ckpt["config"])
-    steps = checked_sampling_steps(args, cfg)
     classes, scale = sampling_classes(args, ckpt, cfg, num_samples)
     spec = SamplingSpec(args.sampler, steps, args.timestep_spacing or "", args.eta, args.var_type,
                         cfg.clip_x0 if args.clip_x0 is None else args.clip_x0, scale)
     return SamplingJob(cfg, spec, classes, cfg.seed if args.seed is None else args.seed,
-                       "" if classes is None else args.class_label or "all")
-
-
-def draw_job(model, diffusion, job, num_samples, args, procs):
-    """The job's num_samples images, uint8 (N, H, W, 3), batch by batch (--batch_size, default 128)."""
-    shape = (num_samples, 3, job.cfg.image_size, job.cfg.image_size)
-    return generate_samples(model, diffusion, job.spec, shape, job.seed, args.batch_size or 128, job.classes, procs)
+                       "" if classes is None else args.class_label or "all", num_samples, args.batch_size or 128)
 
 
 def sampling_classes(args, ckpt, cfg, num_samples):
@@ -3415,12 +2584,13 @@ def run_sample(args):
     if args.out:
         check_writable_folder(args.out, "--out")
     device, procs = init_processes(args.device or "auto")
-    model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
+    model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, args.amp or "auto",
+                                                args.channels_last or "auto")
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
           f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters")
 
-    images = draw_job(model, diffusion, job, args.num_samples, args, procs)
+    images = job.draw(model, diffusion, procs)
     if not procs.main:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -3447,16 +2617,15 @@ def run_sample(args):
         write_nearest(args, cfg, images[:10], out / f"{stem}_nearest.png", device)
     if args.trajectory:
         rows = min(4, args.num_samples)
-        recorder = TrajectoryRecorder(rows)
+        points = []  # x_t and the predicted x_0 (held in [-1, 1]) at every step: how a sample forms
+        record = lambda step, t, x_t, x0: points.append((t, x_t.cpu(), x0.clamp(-1, 1).cpu()))  # noqa: E731
         generator = torch.Generator(device=device).manual_seed(derived_seed(job.seed, 0, SAMPLE_BATCH))
         final = diffusion.sample(model, (rows, 3, cfg.image_size, cfg.image_size), spec, generator=generator,
-                                 classes=None if classes is None else classes[:rows], callback=recorder)
-        save_trajectory(recorder.points, final.cpu(), out / f"{stem}_trajectory.png")
+                                 classes=None if classes is None else classes[:rows], callback=record)
+        save_trajectory(points, final.cpu(), out / f"{stem}_trajectory.png")
         print(f"wrote {out / (stem + '_trajectory.png')}")
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
 
-
-# --- Evaluation: FID of a checkpoint's samples ------------------------------------------------------
 
 def write_nearest(args, cfg, samples, path, device):
     """--nearest K: samples beside their nearest training images, in Inception space when it can be
@@ -3511,10 +2680,10 @@ def run_eval(args):
         images = load_npz_images(args.eval_npz)
         info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
     else:
-        model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, *hardware_flags(args))
-        images = draw_job(model, diffusion, job, num_samples, args, procs)
-        info = dict(job.spec.log_row(job.classes is not None), checkpoint=path, step=step, classes=job.class_label,
-                    source=sampling_weights(ckpt, not args.no_ema), precision=precision_name(model.dtype))
+        model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, args.amp or "auto",
+                                                    args.channels_last or "auto")
+        images = job.draw(model, diffusion, procs)
+        info = job.fid_info(model, checkpoint=path, step=step, source=sampling_weights(ckpt, not args.no_ema))
     if not procs.main:
         return
     reference, name = reference_images(cfg, args.data_dir or cfg.data_dir)
@@ -3541,8 +2710,7 @@ def parse_bool(text):
 
 
 def parse_int_tuple(text):
-    parts = [p for p in str(text).replace(",", " ").split()]
-    return tuple(int(p) for p in parts)
+    return tuple(int(p) for p in str(text).replace(",", " ").split())
 
 
 def field_parser(f):
@@ -3851,6 +3019,730 @@ def main(argv=None):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
+
+
+# --- Extras: pictures ------------------------------------------------------------------------------
+
+def save_grid(images, path, nrow=None):
+    """Write a grid PNG of images in [-1, 1]; at most 10 per row keeps 32px images legible."""
+    import torchvision
+    nrow = nrow or min(10, len(images))
+    atomic_write(path, lambda f: torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, f, nrow=nrow,
+                                                              format="png"))
+
+
+def save_labelled_grid(images, row_names, path, title=""):
+    """A grid PNG of images in [-1, 1], one row per name (len(images) / len(row_names) each), with
+    the names written left of their rows and the title above, so the picture explains itself."""
+    from PIL import Image, ImageDraw
+    per_row, size = len(images) // len(row_names), images.shape[-1]
+    pixels = to_uint8(images.float())
+    margin, top = 6 * max(len(name) for name in row_names) + 8, 14 if title else 0
+    canvas = Image.new("RGB", (margin + per_row * (size + 2), top + len(row_names) * (size + 2)), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((2, 1), title, fill="black")
+    for r, name in enumerate(row_names):
+        draw.text((2, top + r * (size + 2) + size // 2 - 5), name, fill="black")
+        for c in range(per_row):
+            canvas.paste(Image.fromarray(pixels[r * per_row + c]), (margin + c * (size + 2), top + r * (size + 2)))
+    atomic_write(path, lambda f: canvas.save(f, format="png"))
+
+
+def save_trajectory(points, final, path, columns=10):
+    """One PNG: for each sample a row of x_t and, under it, a row of the predicted x_0, at `columns`
+    evenly spread calls of the sampler (the first is pure noise), then the finished image; the
+    timestep of every column is written above it."""
+    from PIL import Image, ImageDraw
+    picks = sorted({round(i * (len(points) - 1) / max(columns - 1, 1)) for i in range(columns)})
+    size, gap, top, margin = final.shape[-1], 2, 14, 30
+    cols = [(f"t={points[i][0]}", points[i][1], points[i][2]) for i in picks] + [("final", final, final)]
+    canvas = Image.new("RGB", (margin + len(cols) * (size + gap), top + 2 * len(final) * (size + gap)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, (label, x_t, x0) in enumerate(cols):
+        left = margin + c * (size + gap)
+        draw.text((left, 1), label[:6], fill="black")
+        for r in range(len(final)):
+            for k, images in enumerate((x_t, x0)):
+                tile = Image.fromarray(to_uint8(images[r:r + 1].float())[0])
+                canvas.paste(tile, (left, top + (2 * r + k) * (size + gap)))
+    for r in range(len(final)):
+        draw.text((2, top + 2 * r * (size + gap) + size // 2 - 5), "x_t", fill="black")
+        draw.text((2, top + (2 * r + 1) * (size + gap) + size // 2 - 5), "x0^", fill="black")
+    atomic_write(path, lambda f: canvas.save(f, format="png"))
+
+
+def save_nearest_picture(samples, train, indices, path, title):
+    """Each sample (a row) beside its nearest training images, nearest first, under a title."""
+    from PIL import Image, ImageDraw
+    size, gap, top = samples.shape[1], 2, 14
+    canvas = Image.new("RGB", ((indices.shape[1] + 1) * (size + gap) + 6, top + len(samples) * (size + gap)),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), title, fill="black")
+    for r, (sample, row) in enumerate(zip(samples, indices)):
+        canvas.paste(Image.fromarray(sample), (0, top + r * (size + gap)))
+        for c, i in enumerate(row):  # a 6-pixel gap sets the sample apart from the training images
+            canvas.paste(Image.fromarray(train[i]), (6 + (c + 1) * (size + gap), top + r * (size + gap)))
+    atomic_write(path, lambda f: canvas.save(f, format="png"))
+
+
+# --- Extras: FID and KID (Inception pool3 features, Frechet distance, kernel distance) --------------
+
+# FID (Heusel et al. 2017) and KID (Binkowski et al. 2018) on the 2048-d pool3 features of the
+# TensorFlow Inception-v3 of 2015-12-05, as ported by pytorch-fid (the network every published
+# CIFAR-10 FID uses). Images enter as uint8 (N, H, W, 3), the layout to_uint8 returns; the network
+# sees float (B, 3, H, W) in [0, 1], resized bilinearly to 299 inside, as in pytorch-fid.
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")  # pytorch_fid.inception.FID_WEIGHTS_URL
+FID_EXTRACTOR_NAME = "pt_inception-2015-12-05"  # part of every reference-statistics cache name
+
+
+class InceptionPool3(nn.Module):
+    """(B, 3, H, W) float in [0, 1] -> (B, 2048) pool3 features: pytorch-fid's
+    InceptionV3([3], resize_input=True, normalize_input=True) forward, blocks in the same order."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            net.Conv2d_1a_3x3, net.Conv2d_2a_3x3, net.Conv2d_2b_3x3, nn.MaxPool2d(kernel_size=3, stride=2),
+            net.Conv2d_3b_1x1, net.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2),
+            net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6a, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d,
+            net.Mixed_6e, net.Mixed_7a, net.Mixed_7b, net.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1)))
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.blocks(2 * x - 1).flatten(1)  # [0, 1] -> [-1, 1], as the TF graph expects
+
+
+def load_fid_weights(weights_path=None):
+    """The FID Inception state dict from weights_path, or pytorch-fid's release file (downloaded
+    once into torch's hub cache, exactly as pytorch-fid does) when weights_path is None."""
+    if weights_path is None:
+        try:
+            return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True, map_location="cpu")
+        except Exception as e:  # URLError, HTTPError, SSL and proxy errors alike
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"could not download the FID Inception weights ({reason}); get {FID_WEIGHTS_URL} "
+                            f"and pass its path with --fid_weights PATH") from None
+    path = Path(weights_path)
+    if not path.is_file():
+        raise UserError(f"--fid_weights {path} is not a file; point it at pt_inception-2015-12-05-6726825d.pth")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"--fid_weights {path} is not a readable PyTorch state dict ({e})") from None
+
+
+def build_fid_inception(weights_path=None, device="cpu"):
+    """pytorch-fid's FID Inception (its fid_inception_v3 architecture) with weights from a local
+    file or the default download, in eval mode, as an InceptionPool3 on device."""
+    import torchvision
+    try:
+        from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+    except ImportError:
+        raise UserError("FID needs pytorch-fid, the standard PyTorch port of the TF FID Inception: "
+                        "pip install pytorch-fid") from None
+    # As pytorch_fid.inception.fid_inception_v3, which we cannot call: it always downloads.
+    net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
+    try:
+        net.load_state_dict(load_fid_weights(weights_path))
+    except (RuntimeError, TypeError) as e:  # other keys or shapes; not a dict at all
+        first = str(e).splitlines()[0]
+        raise UserError(f"{weights_path or FID_WEIGHTS_URL} does not hold the pytorch-fid Inception weights "
+                        f"({first})") from None
+    return InceptionPool3(net).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def compute_activations(images, extractor, batch_size=100, device="cpu", progress=True):
+    """Features of uint8 images (N, H, W, 3) (numpy or torch) as float32 numpy (N, D).
+
+    extractor maps float (B, 3, H, W) in [0, 1] to (B, D); it runs in eval mode, without gradients.
+    """
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    was_training = extractor.training
+    extractor.eval()
+    features = []
+    with tqdm(total=len(images), desc="inception features", unit="img", leave=False, disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W)
+            features.append(extractor(x).reshape(len(x), -1).float().cpu())
+            bar.update(len(x))
+    extractor.train(was_training)
+    return torch.cat(features).numpy()
+
+
+def nearest_neighbours(queries, references, k, features, batch_size=2000):
+    """Indices (n, k) and L2 distances (n, k), nearest first, of each query's k nearest references.
+    queries and references are uint8 images (n / N, H, W, 3); features maps a batch of them to
+    float32 vectors (n, D). The references pass through in batches with a running top k, so memory
+    stays at one batch whatever N."""
+    q = torch.from_numpy(features(queries)).double()
+    k = min(k, len(references))
+    best_d = torch.full((len(q), k), math.inf, dtype=torch.float64)
+    best_i = torch.zeros((len(q), k), dtype=torch.long)
+    with tqdm(total=len(references), desc="nearest neighbours", unit="img", leave=False,
+              disable=len(references) < 5000) as bar:
+        for start in range(0, len(references), batch_size):
+            r = torch.from_numpy(features(references[start:start + batch_size])).double()
+            d = torch.cdist(q, r)
+            index = torch.arange(start, start + len(r)).expand(len(q), -1)
+            d, i = torch.cat([best_d, d], 1), torch.cat([best_i, index], 1)
+            best_d, order = d.topk(k, dim=1, largest=False)
+            best_i = i.gather(1, order)
+            bar.update(len(r))
+    return best_i.numpy(), best_d.numpy()
+
+
+def pixel_features(images):
+    return np.asarray(images, dtype=np.float32).reshape(len(images), -1) / 255
+
+
+def activation_statistics(activations):
+    """Mean and covariance (float64; unbiased, as np.cov and pytorch-fid) of (N, D) activations."""
+    activations = np.asarray(activations)
+    if activations.ndim != 2 or len(activations) < 2:
+        raise ValueError(f"need at least 2 activations (N, D) for a covariance, got {activations.shape}")
+    return activations.mean(axis=0, dtype=np.float64), np.cov(activations, rowvar=False, dtype=np.float64)
+
+
+def _psd_sqrt(matrix):
+    """Symmetric square root of a symmetric PSD matrix; eigenvalues below zero (rounding) count as 0."""
+    eigenvalues, eigenvectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Heusel et al. 2017 eq. 6: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64.
+
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
+    symmetric PSD matrix similar to S1 S2: exact for singular covariances (fewer samples than
+    dimensions) where scipy.linalg.sqrtm, which pytorch-fid uses, can return complex noise.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if not (mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2):
+        raise ValueError(f"mismatched statistics: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+                         f"{sigma2.shape}")
+    sqrt_sigma1 = _psd_sqrt(sigma1)
+    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def polynomial_mmd2(x, y):
+    """Binkowski et al. 2018: unbiased MMD^2 of two equal-size sets (m, d) under the kernel
+    k(a, b) = (a.b / d + 1)^3; the diagonal of k(x, x) and k(y, y) is left out, that of k(x, y) is not."""
+    m, d = x.shape
+    k_xx = (x @ x.T / d + 1) ** 3
+    k_yy = (y @ y.T / d + 1) ** 3
+    k_xy = (x @ y.T / d + 1) ** 3
+    within = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
+    return float(within - 2 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(features1, features2, subsets=100, subset_size=1000, seed=2020):
+    """KID: mean and std over `subsets` random subsets (without replacement) of polynomial_mmd2, as
+    torch-fidelity computes it (same defaults and draw order, so the same subsets for the same seed).
+    Unlike torch-fidelity, a subset_size above either set's size shrinks to it, as clean-fid does.
+    Unbiased, so two sets from one distribution can score slightly below zero."""
+    features1, features2 = np.asarray(features1), np.asarray(features2)
+    m = min(subset_size, len(features1), len(features2))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 features in each set, got {len(features1)} and {len(features2)}")
+    rng = np.random.RandomState(seed)
+    mmds = np.empty(subsets)
+    for i in range(subsets):
+        x = features1[rng.choice(len(features1), m, replace=False)].astype(np.float64)
+        y = features2[rng.choice(len(features2), m, replace=False)].astype(np.float64)
+        mmds[i] = polynomial_mmd2(x, y)
+    return float(mmds.mean()), float(mmds.std())
+
+
+# Reference statistics of a training set cost one Inception pass over it (about 75 minutes for
+# CIFAR-10's 50,000 images on a laptop CPU), so they are computed once and cached.
+
+class ReferenceStats(NamedTuple):
+    mu: np.ndarray          # (D,) float64
+    sigma: np.ndarray       # (D, D) float64
+    n: int                  # number of images the statistics are over
+    features: np.ndarray    # (K, D) float32: a fixed random K of the N activations, for KID
+
+
+def reference_cache_name(dataset_name, n, extractor_name=FID_EXTRACTOR_NAME):
+    """e.g. fid_stats_cifar10-train_n50000_pt_inception-2015-12-05.npz"""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{dataset_name}")
+    return f"fid_stats_{safe}_n{n}_{extractor_name}.npz"
+
+
+def images_fingerprint(images):
+    """A short hash of the images' shape and pixels: a cache made for other images never matches."""
+    pixels = np.ascontiguousarray(images.cpu().numpy() if torch.is_tensor(images) else images)
+    digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=8)
+    digest.update(memoryview(pixels).cast("B"))
+    return digest.hexdigest()
+
+
+def load_statistics(path):
+    """mu and sigma from an .npz with keys mu and sigma (ours, or pytorch-fid --save-stats)."""
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not an FID statistics .npz with arrays mu and sigma ({e})") from None
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    return mu, sigma
+
+
+def _read_reference_cache(path, n, fingerprint, num_features):
+    """The cached ReferenceStats if path holds them for these images, else None."""
+    try:
+        with np.load(path) as f:
+            if int(f["n"]) != n or str(f["fingerprint"]) != fingerprint or len(f["features"]) < num_features:
+                return None
+            return ReferenceStats(f["mu"], f["sigma"], n, f["features"][:num_features])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def reference_statistics(images, extractor, cache_path, batch_size=100, device="cpu", kid_features=10_000,
+                         progress=True):
+    """ReferenceStats of uint8 images (N, H, W, 3), read from cache_path when it holds them for
+    these very images (same pixels, same N), else computed and saved there atomically.
+
+    Keeps a fixed random min(kid_features, N) of the activations for KID (10,000 x 2048 float32
+    is 80 MB on disk); sigma is 32 MB at D = 2048.
+    """
+    n, fingerprint = len(images), images_fingerprint(images)
+    num_features = min(kid_features, n)
+    cached = _read_reference_cache(cache_path, n, fingerprint, num_features)
+    if cached is not None:
+        return cached
+    activations = compute_activations(images, extractor, batch_size, device, progress)
+    mu, sigma = activation_statistics(activations)
+    keep = np.sort(np.random.default_rng(0).choice(n, num_features, replace=False))
+    stats = ReferenceStats(mu, sigma, n, activations[keep])
+    Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache_path, lambda f: np.savez(f, mu=mu, sigma=sigma, n=np.int64(n),
+                                                fingerprint=np.str_(fingerprint), features=stats.features))
+    return stats
+
+
+def fid_kid(images, reference, extractor, batch_size=100, device="cpu", kid_subsets=100, progress=True):
+    """FID and KID (mean, std) of uint8 images (N, H, W, 3) against ReferenceStats. KID subsets hold
+    min(1000, N, K) features, so KID over fewer than 1000 images is noisier, not invalid."""
+    activations = compute_activations(images, extractor, batch_size, device, progress)
+    fid = frechet_distance(*activation_statistics(activations), reference.mu, reference.sigma)
+    kid, kid_std = kernel_inception_distance(activations, reference.features, subsets=kid_subsets)
+    return {"fid": fid, "kid": kid, "kid_std": kid_std}
+
+
+FID_LOG_COLUMNS = ("time", "checkpoint", "step", "num_samples", "sampler", "steps", "spacing", "clip", "eta", "source",
+                   "precision", "classes", "guidance_scale", "reference", "reference_n", "fid", "kid", "kid_std")
+
+
+def reference_images(cfg, data_dir):
+    """The whole training set of a run's dataset as uint8 (N, H, W, 3), and its name for the cache."""
+    if cfg.dataset == "cifar10":
+        return load_cifar10_train(data_dir).transpose(0, 2, 3, 1), "cifar10-train"
+    images, _ = load_image_folder(data_dir, cfg.image_size, cfg.num_workers)
+    return images.transpose(0, 2, 3, 1), f"folder-{Path(data_dir).resolve().name}"
+
+
+def evaluate_fid(images, reference, reference_name, extractor, run_dir, info, device="cpu", batch_size=200):
+    """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
+    are cached beside the run folder, in fid_stats/ (keyed by name and size); appends a row to the
+    run's fid_log.csv. Returns the scores."""
+    log_path = Path(run_dir) / "fid_log.csv"
+    cache = Path(run_dir).parent / "fid_stats" / reference_cache_name(reference_name, len(reference))
+    stats = reference_statistics(reference, extractor, cache, batch_size, device)
+    scores = fid_kid(images, stats, extractor, batch_size, device)
+    row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
+               reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
+               kid_std=f"{scores['kid_std']:.6f}")
+    append_csv_row(log_path, FID_LOG_COLUMNS, row)
+    return dict(scores, reference_n=stats.n)
+
+
+def append_csv_row(path, columns, row):
+    """Append a row to a CSV log; a log written with other columns (an older version) is first
+    rewritten with these, its rows kept, so every row stays under its own header."""
+    path, rows = Path(path), []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader) if tuple(reader.fieldnames or ()) != tuple(columns) else None
+    if rows is not None:
+        atomic_write_text(csv_text(columns, rows), path)
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=columns, extrasaction="ignore").writerow(row)
+
+
+class FidDuringTraining:
+    """FID of the EMA model every --fid_every epochs: --fid_samples images from 20-step DPM-Solver++,
+    against the whole training set (statistics cached beside the runs), logged to fid_log.csv. A
+    class-conditional model is scored on samples of every class in turn, at --guidance_scale."""
+
+    def __init__(self, cfg, paths, device, class_names=()):
+        self.paths, self.device = paths, device
+        classes = torch.arange(cfg.fid_samples) % len(class_names) if class_names else None
+        spec = SamplingSpec("dpmpp2m", min(20, cfg.timesteps), clip_x0=cfg.clip_x0,
+                            guidance_scale=cfg.guidance_scale if class_names else 1.0)
+        self.job = SamplingJob(cfg, spec, classes, cfg.seed, "all" if class_names else "", cfg.fid_samples,
+                               cfg.batch_size)
+        self.extractor = build_fid_inception(cfg.fid_weights or None, device)
+        self.reference, self.reference_name = reference_images(cfg, cfg.data_dir)
+
+    def __call__(self, ema_model, diffusion, step):
+        images = self.job.draw(ema_model, diffusion)
+        info = self.job.fid_info(ema_model, checkpoint="(training)", step=step, source="ema")
+        scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor, self.paths.checkpoints,
+                              info, self.device)
+        return scores["fid"]
+
+
+# --- Extras: safetensors files and diffusers folders (the paper's published weights in, ours out) ----
+
+def _safetensors():
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError(".safetensors files need the safetensors package: pip install safetensors") from None
+    return safetensors
+
+
+def export_safetensors(ckpt, path, use_ema=True):
+    """The sampling weights (EMA unless use_ema=False) and the config as a .safetensors file: no
+    pickle at all, so any tool can read it without trusting it."""
+    safetensors = _safetensors()
+    source = sampling_source(ckpt, use_ema)
+    tensors = {name: t.contiguous() for name, t in ckpt[source].items()}
+    metadata = dict(format="train_ddpm/2", config=json.dumps(ckpt["config"]), weights=source,
+                    step=str(ckpt.get("step", 0)), epoch=str(ckpt.get("epoch", 0)))
+    if ckpt.get("class_names"):
+        metadata["class_names"] = json.dumps(list(ckpt["class_names"]))
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
+
+
+def read_safetensors(path):
+    """A checkpoint-like dict (model, config, step, epoch) from an exported .safetensors file."""
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        config = json.loads(metadata["config"])
+    except Exception as e:
+        raise UserError(f"{path} is not a readable train_ddpm.py .safetensors file "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    return dict(model=tensors, config=config, step=int(metadata.get("step", 0)),
+                epoch=int(metadata.get("epoch", 0)), weights_only=True,
+                class_names=json.loads(metadata.get("class_names", "[]")))
+
+
+# google/ddpm-cifar10-32, the port of the paper's TensorFlow checkpoint that diffusers users have, is
+# a UNet2DModel of ResNet blocks (DownBlock2D/AttnDownBlock2D, UpBlock2D/AttnUpBlock2D), single-head
+# attention and a sinusoidal time embedding: the function our UNet computes. Reading and writing such
+# folders needs only json and safetensors; diffusers itself is not imported.
+
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_VERSION = "0.30.0"  # written into exported configs: the oldest diffusers the export is tested with
+# UNet2DModel's defaults for the keys we read, for configs that leave them out.
+UNET2D_DEFAULTS = dict(sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+                       time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
+                       flip_sin_to_cos=True, mid_block_type="UNetMidBlock2D", block_out_channels=(224, 448, 672, 896),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=2, mid_block_scale_factor=1, downsample_padding=1, downsample_type="conv",
+                       upsample_type="conv", dropout=0.0, act_fn="silu", attention_head_dim=8, norm_num_groups=32,
+                       attn_norm_num_groups=None, norm_eps=1e-5, resnet_time_scale_shift="default",
+                       add_attention=True, class_embed_type=None, num_class_embeds=None)
+# What our UNet computes, as UNet2DModel settings: anything else is refused, naming the key.
+UNET2D_REQUIRED = dict(in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
+                       freq_shift=1, flip_sin_to_cos=False, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1,
+                       downsample_type="conv", upsample_type="conv", act_fn="silu",
+                       resnet_time_scale_shift="default", class_embed_type=None, num_class_embeds=None)
+# diffusers before 0.15 named the attention weights query/key/value/proj_attn.
+DEPRECATED_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def _resblock_rows(ours, resnet, attention):
+    rows = [(f"{ours}.{a}", (f"{resnet}.{b}",), False) for a, b in (
+        ("norm1", "norm1"), ("conv1", "conv1"), ("emb_proj", "time_emb_proj"), ("norm2", "norm2"),
+        ("conv2", "conv2"), ("skip", "conv_shortcut"))]
+    if attention:  # our 1x1-conv projections are diffusers' Linear layers; our qkv is their q, k, v stacked
+        rows += [(f"{ours}.attn.norm", (f"{attention}.group_norm",), False),
+                 (f"{ours}.attn.qkv", tuple(f"{attention}.{n}" for n in ("to_q", "to_k", "to_v")), True),
+                 (f"{ours}.attn.proj", (f"{attention}.to_out.0",), True)]
+    return rows
+
+
+def diffusers_name_table(cfg):
+    """The one mapping between our UNet's modules and UNet2DModel's, used in both directions: rows of
+    (our module, its diffusers module(s), whether theirs are Linear). It lists every module the
+    architecture may have (shortcuts, attention); a model uses the rows whose modules it has."""
+    levels = len(cfg.channel_mults)
+    rows = [("time_mlp.0", ("time_embedding.linear_1",), False), ("time_mlp.2", ("time_embedding.linear_2",), False),
+            ("head", ("conv_in",), False), ("out.0", ("conv_norm_out",), False), ("out.2", ("conv_out",), False)]
+    k = 0
+    for level in range(levels):
+        for j in range(cfg.num_res_blocks):
+            block = f"down_blocks.{level}"
+            rows += _resblock_rows(f"down.{k}", f"{block}.resnets.{j}", f"{block}.attentions.{j}")
+            k += 1
+        if level < levels - 1:
+            rows.append((f"down.{k}.conv", (f"down_blocks.{level}.downsamplers.0.conv",), False))
+            k += 1
+    rows += _resblock_rows("mid.0", "mid_block.resnets.0", "mid_block.attentions.0")
+    rows += _resblock_rows("mid.1", "mid_block.resnets.1", None)
+    k = 0
+    for j, level in enumerate(reversed(range(levels))):  # up_blocks[0] is the lowest resolution
+        for i in range(cfg.num_res_blocks + 1):
+            rows += _resblock_rows(f"up.{k}", f"up_blocks.{j}.resnets.{i}", f"up_blocks.{j}.attentions.{i}")
+            k += 1
+        if level > 0:
+            rows.append((f"up.{k}.conv", (f"up_blocks.{j}.upsamplers.0.conv",), False))
+            k += 1
+    return rows
+
+
+def state_to_diffusers(state, cfg):
+    """Our UNet state dict -> UNet2DModel's."""
+    out = {}
+    for ours, theirs, linear in diffusers_name_table(cfg):
+        for param in ("weight", "bias"):
+            if f"{ours}.{param}" in state:
+                for name, part in zip(theirs, state[f"{ours}.{param}"].chunk(len(theirs))):
+                    out[f"{name}.{param}"] = part.reshape(part.shape[0], -1) if linear and param == "weight" else part
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def state_from_diffusers(state, cfg, where):
+    """UNet2DModel's state dict -> ours; a missing or left-over tensor is refused, naming it."""
+    state = {_renamed(name): t for name, t in state.items()}
+    with torch.device("meta"):  # our UNet's parameter shapes, without memory or initialisation
+        shapes, out = {name: t.shape for name, t in build_model(cfg).state_dict().items()}, {}
+    for ours, theirs, linear in diffusers_name_table(cfg):
+        for param in ("weight", "bias"):
+            if f"{ours}.{param}" not in shapes:
+                continue
+            names = [f"{name}.{param}" for name in theirs]
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise UserError(f"{where} lacks the weights {missing[0]} that its config.json implies")
+            tensor = torch.cat([state.pop(n) for n in names])
+            if tensor.numel() != shapes[f"{ours}.{param}"].numel():
+                raise UserError(f"{where}: {names[0]} has shape {tuple(tensor.shape)}, which its config.json "
+                                f"does not give")
+            out[f"{ours}.{param}"] = tensor.reshape(shapes[f"{ours}.{param}"]).float()
+    if state:
+        raise UserError(f"{where} has weights this UNet cannot use, e.g. {sorted(state)[0]}")
+    return out
+
+
+def _renamed(name):
+    for old, new in DEPRECATED_ATTENTION_NAMES.items():
+        name = name.replace(old, new)
+    return name
+
+
+def config_from_diffusers(unet, scheduler, where):
+    """Our Config from a UNet2DModel config.json and a scheduler_config.json (dicts); a setting our
+    UNet or schedule cannot reproduce exactly is refused with one line naming the key."""
+    unet = {**UNET2D_DEFAULTS, **unet}
+
+    def refuse(key, value, need):
+        raise UserError(f"{where}: {key}={json.dumps(value)} cannot be reproduced here ({need})")
+
+    for key, want in UNET2D_REQUIRED.items():
+        if unet[key] != want:
+            refuse(key, unet[key], f"only {json.dumps(want)} is supported")
+    widths, base = list(unet["block_out_channels"]), unet["block_out_channels"][0]
+    if any(w % base for w in widths):
+        refuse("block_out_channels", widths, "every width must be a multiple of the first")
+    groups = unet["norm_num_groups"]
+    if any(w % groups for w in widths):
+        refuse("norm_num_groups", groups, "it must divide every width")
+    down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
+    if len(down) != len(widths) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
+        refuse("down_block_types", down, "DownBlock2D or AttnDownBlock2D, one per width")
+    if [b.replace("Up", "Down") for b in reversed(up)] != down:
+        refuse("up_block_types", up, "the mirror image of down_block_types: UpBlock2D or AttnUpBlock2D")
+    size = unet["sample_size"]
+    size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
+    if not isinstance(size, int):
+        refuse("sample_size", size, "one square size")
+    attn_levels = [level for level, b in enumerate(down) if b.startswith("Attn")]
+    if attn_levels and not unet["add_attention"]:
+        refuse("add_attention", False, "attention in the blocks needs it in the middle block too")
+    attention_widths = [widths[level] for level in attn_levels] + ([widths[-1]] if unet["add_attention"] else [])
+    if unet["attention_head_dim"] is not None and any(w != unet["attention_head_dim"] for w in attention_widths):
+        refuse("attention_head_dim", unet["attention_head_dim"], "single-head attention: null or the attention width")
+    if unet["attn_norm_num_groups"] not in (None, unet["norm_num_groups"]):
+        refuse("attn_norm_num_groups", unet["attn_norm_num_groups"], "the same groups as norm_num_groups")
+    if unet["downsample_padding"] not in (0, 1):
+        refuse("downsample_padding", unet["downsample_padding"], "0 (TensorFlow SAME) or 1")
+
+    scheduler = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                 "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small", **scheduler}
+    schedules = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+    if scheduler["beta_schedule"] not in schedules or scheduler["trained_betas"]:
+        refuse("beta_schedule", scheduler["beta_schedule"], "linear or squaredcos_cap_v2, no trained_betas")
+    if scheduler["prediction_type"] != "epsilon":
+        refuse("prediction_type", scheduler["prediction_type"], "the model must predict the noise: epsilon")
+    if str(scheduler["variance_type"]).startswith("learned"):
+        refuse("variance_type", scheduler["variance_type"], "learned variances need a second output")
+    if scheduler.get("rescale_betas_zero_snr"):
+        refuse("rescale_betas_zero_snr", True, "only the plain schedules")
+    return Config(image_size=size, base_channels=base, channel_mults=tuple(w // base for w in widths),
+                  num_res_blocks=unet["layers_per_block"], use_attention=bool(unet["add_attention"]),
+                  attn_resolutions=tuple(size // 2 ** level for level in attn_levels),
+                  dropout=float(unet["dropout"]), emb_dim=unet["time_embedding_dim"] or 4 * base,
+                  norm_groups=groups, norm_min_channels=min(Config.norm_min_channels, min(widths) // groups), norm_eps=float(unet["norm_eps"]),
+                  downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
+                  timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
+                  beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
+                  clip_x0=clip_from_diffusers(scheduler, refuse), run_name=Path(where).resolve().name)
+
+
+def diffusers_unet_folder(path):
+    """The UNet2DModel folder of a diffusers folder (a DDPMPipeline's unet/, or the folder itself), or None."""
+    path = Path(path)
+    for folder in (path / "unet", path):
+        if (folder / "config.json").is_file() and any((folder / w).is_file() for w in DIFFUSERS_WEIGHTS):
+            return folder
+    return None
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def read_diffusers(path):
+    """A checkpoint-like dict (model, config) from a DDPMPipeline or UNet2DModel folder. The schedule
+    comes from the pipeline's scheduler/scheduler_config.json (or one beside the UNet's config.json);
+    a lone UNet folder gets diffusers' default DDPMScheduler (the paper's linear 1e-4..0.02, T = 1000)."""
+    unet_dir = diffusers_unet_folder(path)
+    if unet_dir is None:
+        raise UserError(f"{path} is neither a diffusers folder (config.json and {DIFFUSERS_WEIGHTS[0]}) "
+                        f"nor a run folder")
+    schedule_file = next((p for p in (Path(path) / "scheduler" / "scheduler_config.json",
+                                      unet_dir / "scheduler_config.json",  # the flat layout of early hub folders
+                                      unet_dir.parent / "scheduler" / "scheduler_config.json") if p.is_file()), None)
+    cfg = config_from_diffusers(_read_json(unet_dir / "config.json"),
+                                _read_json(schedule_file) if schedule_file else {}, str(path))
+    weights = next(unet_dir / w for w in DIFFUSERS_WEIGHTS if (unet_dir / w).is_file())
+    safe = weights.suffix == ".safetensors"
+    load = _safetensors().torch.load_file if safe else (lambda p: torch.load(p, map_location="cpu", weights_only=True))
+    try:
+        state = load(str(weights))
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e)[:200]}" if safe else _load_failure_reason(e)
+        raise UserError(f"{weights} is unreadable or corrupt ({reason})") from None
+    return dict(model=state_from_diffusers(state, cfg, str(path)), config=asdict(cfg), step=0, epoch=0,
+                weights_only=True)
+
+
+def diffusers_configs(cfg):
+    """(UNet2DModel config, DDPMScheduler config) of our Config; what UNet2DModel cannot express is
+    refused with one line."""
+    widths = [cfg.base_channels * m for m in cfg.channel_mults]
+    with torch.device("meta"):
+        norms = [m for m in build_model(cfg).modules() if isinstance(m, nn.GroupNorm)]
+    odd = next((n for n in norms if n.num_groups != cfg.norm_groups), None)
+    if odd is not None:
+        raise UserError(f"cannot export to diffusers: UNet2DModel uses norm_num_groups={cfg.norm_groups} for every "
+                        f"GroupNorm, but the width {odd.num_channels} has {odd.num_groups} groups "
+                        f"(--norm_groups and --norm_min_channels decide them)")
+    if cfg.schedule_type == "cosine" and cfg.cosine_s != 0.008:
+        raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, "
+                        f"not --cosine_s {cfg.cosine_s:g}")
+    levels = range(len(widths))
+    attn = [cfg.use_attention and cfg.image_size // 2 ** level in cfg.attn_resolutions for level in levels]
+    unet = dict(_class_name="UNet2DModel", _diffusers_version=DIFFUSERS_VERSION, sample_size=cfg.image_size,
+                **UNET2D_REQUIRED, time_embedding_dim=cfg.emb_dim, block_out_channels=widths,
+                down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+                up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+                layers_per_block=cfg.num_res_blocks, downsample_padding=0 if cfg.downsample_padding == "same" else 1,
+                dropout=cfg.dropout, attention_head_dim=None, norm_num_groups=cfg.norm_groups,
+                attn_norm_num_groups=None, norm_eps=cfg.norm_eps, add_attention=cfg.use_attention)
+    scheduler = dict(_class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
+                     num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+                     beta_schedule="linear" if cfg.schedule_type == "linear" else "squaredcos_cap_v2",
+                     trained_betas=None, variance_type="fixed_large", prediction_type="epsilon",
+                     **DIFFUSERS_CLIP[cfg.clip_x0])
+    return unet, scheduler
+
+
+# How diffusers' schedulers say each --clip_x0. Their dynamic thresholding caps s at sample_max_value;
+# Imagen's rule has no cap, so the export sets one that no prediction reaches (x_0 at t = T - 1 is
+# about 157 times the eps error: hundreds, not millions).
+DIFFUSERS_CLIP = {
+    "static": dict(clip_sample=True, clip_sample_range=1.0, thresholding=False),
+    "dynamic": dict(clip_sample=True, clip_sample_range=1.0, thresholding=True,
+                    dynamic_thresholding_ratio=DYNAMIC_PERCENTILE, sample_max_value=1e6),
+    "none": dict(clip_sample=False, thresholding=False),
+}
+
+
+def clip_from_diffusers(scheduler, refuse):
+    """The --clip_x0 of a diffusers scheduler config (which clips by default); refuse(key, value, need)
+    for a rule ours cannot reproduce."""
+    if scheduler.get("clip_sample", True) and scheduler.get("clip_sample_range", 1.0) != 1.0:
+        refuse("clip_sample_range", scheduler["clip_sample_range"], "clipping to [-1, 1] only")
+    if not scheduler.get("thresholding"):
+        return "static" if scheduler.get("clip_sample", True) else "none"
+    cap = scheduler.get("sample_max_value", 1.0)
+    if cap <= 1:
+        return "static"  # s held at 1: thresholding is clipping
+    if cap < DIFFUSERS_CLIP["dynamic"]["sample_max_value"]:
+        refuse("sample_max_value", cap, f"1 (clipping) or at least {DIFFUSERS_CLIP['dynamic']['sample_max_value']:g} "
+                                        f"(dynamic thresholding without a cap)")
+    if scheduler.get("dynamic_thresholding_ratio", 0.995) != DYNAMIC_PERCENTILE:
+        refuse("dynamic_thresholding_ratio", scheduler["dynamic_thresholding_ratio"], f"only {DYNAMIC_PERCENTILE}")
+    return "dynamic"
+
+
+def export_diffusers(ckpt, folder, use_ema=True):
+    """A DDPMPipeline folder (model_index.json, unet/, scheduler/) of the sampling weights (EMA unless
+    use_ema=False) and the schedule, written whole or not at all."""
+    cfg = config_from_dict(ckpt["config"])
+    unet, scheduler = diffusers_configs(cfg)
+    safetensors = _safetensors()
+    source = sampling_source(ckpt, use_ema)
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
+                 scheduler=["diffusers", "DDPMScheduler"], unet=["diffusers", "UNet2DModel"])
+    try:
+        (tmp / "unet").mkdir(parents=True)
+        (tmp / "scheduler").mkdir()
+        for path, content in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet),
+                              (tmp / "scheduler" / "scheduler_config.json", scheduler)):
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        tensors = state_to_diffusers(ckpt[source], cfg)
+        (tmp / "unet" / DIFFUSERS_WEIGHTS[0]).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
+        os.replace(tmp, folder)  # the whole folder appears at once (an empty one in its place is replaced)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written one after a failure
 
 
 if __name__ == "__main__":
