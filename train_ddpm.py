@@ -1,7 +1,9 @@
 """Train a denoising diffusion probabilistic model (DDPM) on CIFAR-10 or a folder of images.
 
-One file, read top to bottom: config and presets, data, the DDPM UNet, Gaussian diffusion with its
-samplers, the training loop, checkpoints, and the command line.
+One file, read top to bottom: the whole DDPM first (config and presets, data, the UNet, hardware,
+Gaussian diffusion, the samplers, training, run safety, sampling and evaluating a checkpoint, the
+command line), then the optional extras (pictures, FID and KID, safetensors files and diffusers
+folders); a reader who stops at the extras has read the whole method.
 
     python train_ddpm.py --mode train                          # menu of presets on a terminal
     python train_ddpm.py --mode train --preset quick_test      # a few minutes on a CPU
@@ -9,11 +11,14 @@ samplers, the training loop, checkpoints, and the command line.
     python train_ddpm.py --mode train --run_name quick_test_ts100 --resume latest
     python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler ddim --sampling_steps 50
     python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler dpmpp2m --sampling_steps 20
+    python train_ddpm.py --mode eval --checkpoint checkpoints/quick_test_ts100 --num_samples 2000
 
-Presets: quick_test, cifar10, cifar10_optimized, ddpm_paper, best_quality, fastest, low_memory.
+Presets: quick_test, cpu_hour, cifar10, cifar10_optimized, cifar10_cond, ddpm_paper, best_quality,
+fastest, low_memory.
 
 Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
-Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++).
+Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free
+guidance); Saharia et al. 2022 (dynamic thresholding).
 """
 
 import argparse
@@ -56,6 +61,10 @@ class UserError(Exception):
 
 
 def _field(default, help, **meta):
+    """A Config field with its --help text and what else the script knows of it: choices, aliases
+    (more flag names), arch (the weights or the schedule depend on it: --init_from takes it from the
+    checkpoint), resume (a resumed run may change it), menu (its place in the interactive menu) and
+    legacy (its value in checkpoints from before the option existed)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -67,137 +76,135 @@ class Config:
     """
     # run
     preset: str = _field("cifar10", "preset the run started from")
-    run_name: str = _field("", "run directory under checkpoint_dir and samples_dir (default: <preset>_ts<timesteps>)")
-    checkpoint_dir: str = _field("checkpoints", "where run directories with checkpoints and logs go")
-    samples_dir: str = _field("samples", "where run directories with preview grids and samples go")
+    run_name: str = _field("", "run directory under checkpoint_dir and samples_dir (default: <preset>_ts<timesteps>)", resume=True)
+    checkpoint_dir: str = _field("checkpoints", "where run directories with checkpoints and logs go", resume=True)
+    samples_dir: str = _field("samples", "where run directories with preview grids and samples go", resume=True)
     init_from: str = _field("", "start a new run's weights (and EMA) from this checkpoint, .safetensors export or "
                                 "diffusers folder (fine-tuning): its model and schedule are used; the optimizer, "
                                 "step and LR schedule start fresh")
     # data
     dataset: str = _field("cifar10", "training images", choices=("cifar10", "folder"))
-    data_dir: str = _field("./data", "CIFAR-10 download folder, or the image folder for --dataset folder")
-    image_size: int = _field(32, "image side in pixels (folder images are resized and center-cropped)")
+    data_dir: str = _field("./data", "CIFAR-10 download folder, or the image folder for --dataset folder", resume=True)
+    image_size: int = _field(32, "image side in pixels (folder images are resized and center-cropped)", arch=True)
     flip: bool = _field(True, "random horizontal flips (--no_flip to disable)")
     train_subset: int = _field(0, "train on a fixed random N of the images (0 = all), for quick runs")
     class_conditional: bool = _field(False, "train with class labels: CIFAR-10's 10 classes, or a folder's first-level "
                                             "subfolders (data_dir/<class>/...); sample with --class_label and "
-                                            "--guidance_scale")
+                                            "--guidance_scale", arch=True)
     class_dropout: float = _field(0.1, "fraction of training labels replaced by 'no class', so one network is both "
                                        "conditional and unconditional (classifier-free guidance)")
     guidance_scale: float = _field(1.0, "classifier-free guidance w of previews and samples of a class-conditional "
                                         "model: eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, "
-                                        "0 = unconditional, above 1 stresses the class")
+                                        "0 = unconditional, above 1 stresses the class", resume=True)
     val_size: int = _field(1000, "images for the validation loss: CIFAR-10's test split, or held out of a "
                                  "folder (at most a tenth of it); 0 = no validation")
     # model: the DDPM UNet (Ho et al. 2020, Appendix B)
-    base_channels: int = _field(128, "UNet width at full resolution", aliases=("hidden_dim",))
-    channel_mults: tuple = _field((1, 2, 2, 2), "width multiplier per resolution level, e.g. 1,2,2,2")
-    num_res_blocks: int = _field(2, "residual blocks per resolution level")
-    use_attention: bool = _field(True, "self-attention blocks at all (off: no attention anywhere)")
-    attn_resolutions: tuple = _field((16,), "resolutions with self-attention, e.g. 16 or 16,8")
+    base_channels: int = _field(128, "UNet width at full resolution", aliases=("hidden_dim",), arch=True, menu=5)
+    channel_mults: tuple = _field((1, 2, 2, 2), "width multiplier per resolution level, e.g. 1,2,2,2", arch=True)
+    num_res_blocks: int = _field(2, "residual blocks per resolution level", arch=True)
+    use_attention: bool = _field(True, "self-attention blocks at all (off: no attention anywhere)", arch=True, menu=6)
+    attn_resolutions: tuple = _field((16,), "resolutions with self-attention, e.g. 16 or 16,8", arch=True)
     dropout: float = _field(0.1, "dropout inside residual blocks")
-    emb_dim: int = _field(512, "width of the timestep-embedding MLP", aliases=("time_emb_dim",))
+    emb_dim: int = _field(512, "width of the timestep-embedding MLP", aliases=("time_emb_dim",), arch=True)
     norm_groups: int = _field(32, "GroupNorm groups (the paper: 32); a norm whose width it does not divide takes "
-                                  "their greatest common divisor")
+                                  "their greatest common divisor", arch=True)
     norm_min_channels: int = _field(4, "fewest channels in a GroupNorm group (the paper's 128-wide levels have 4); "
                                        "narrow levels get fewer groups. One channel per group would erase the "
-                                       "timestep embedding, a per-channel constant, leaving that block blind to t")
+                                       "timestep embedding, a per-channel constant, leaving that block blind to t", arch=True, legacy=1)
     norm_eps: float = _field(1e-6, "GroupNorm epsilon (the paper's TensorFlow value; checkpoints from before "
-                                   "this option used PyTorch's 1e-5)")
+                                   "this option used PyTorch's 1e-5)", arch=True, legacy=1e-5)
     downsample_padding: str = _field("same", "padding of the stride-2 downsampling conv: same pads bottom and right "
                                              "only (TensorFlow, the paper), symmetric pads every side (checkpoints "
-                                             "from before this option)", choices=("same", "symmetric"))
+                                             "from before this option)", choices=("same", "symmetric"), arch=True, legacy="symmetric")
     # diffusion
-    timesteps: int = _field(1000, "number of diffusion steps T")
-    schedule_type: str = _field("linear", "beta schedule", choices=("linear", "cosine"))
-    beta_start: float = _field(1e-4, "first beta of the linear schedule")
-    beta_end: float = _field(0.02, "last beta of the linear schedule")
-    cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)")
+    timesteps: int = _field(1000, "number of diffusion steps T", arch=True, menu=3)
+    schedule_type: str = _field("linear", "beta schedule", choices=("linear", "cosine"), arch=True, menu=4)
+    beta_start: float = _field(1e-4, "first beta of the linear schedule", arch=True)
+    beta_end: float = _field(0.02, "last beta of the linear schedule", arch=True)
+    cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)", arch=True)
     # optimisation
-    learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",))
+    learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",), menu=2)
     weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
     warmup_steps: int = _field(1000, "linear learning-rate warmup, in optimizer steps")
     scheduler: str = _field("cosine_restarts", "learning rate after warmup: cosine_restarts (CosineAnnealingWarmRestarts, "
                                                "--restart_period), cosine (one cosine down to --min_lr at the run's "
                                                "last step, --epochs or --max_steps), constant (the paper)",
-                            choices=("cosine_restarts", "cosine", "constant"))
+                            choices=("cosine_restarts", "cosine", "constant"), menu=7)
     restart_period: int = _field(10, "epochs until the first warm restart (CosineAnnealingWarmRestarts T_0)")
     restart_mult: int = _field(1, "each restart period is this many times longer (T_mult)")
     min_lr: float = _field(1e-6, "lowest learning rate of the cosine schedule")
-    grad_clip: float = _field(0.5, "clip gradients to this global norm (0 = no clipping)")
+    grad_clip: float = _field(0.5, "clip gradients to this global norm (0 = no clipping)", menu=8)
     ema_decay: float = _field(0.9999, "EMA decay of the weights used for previews and sampling")
-    batch_size: int = _field(128, "images per optimizer step")
-    epochs: int = _field(500, "passes over the training set")
-    max_steps: int = _field(0, "stop after this many optimizer steps in total (0 = no limit)")
+    batch_size: int = _field(128, "images per optimizer step", menu=1)
+    epochs: int = _field(500, "passes over the training set", resume=True, menu=0)
+    max_steps: int = _field(0, "stop after this many optimizer steps in total (0 = no limit)", resume=True)
     max_minutes: float = _field(0.0, "stop after this many minutes of the run (all its sessions; 0 = no limit): "
-                                     "preview, save, and resume later with a larger value")
+                                     "preview, save, and resume later with a larger value", resume=True)
     seed: int = _field(0, "seed for weights, data order, noise and previews")
-    device: str = _field("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    device: str = _field("auto", "where to train", choices=("auto", "cpu", "cuda"), resume=True)
     # speed: none of these changes what is computed beyond float rounding
     amp: str = _field("auto", "mixed precision of the UNet: auto (bf16 where the GPU or CPU runs it natively, "
-                              "else off), bf16, fp16 (with loss scaling) or off", choices=("auto", "bf16", "fp16", "off"))
+                              "else off), bf16, fp16 (with loss scaling) or off", choices=("auto", "bf16", "fp16", "off"), resume=True)
     channels_last: str = _field("auto", "channels-last memory layout for the convolutions (auto: on GPUs)",
-                                choices=("auto", "true", "false"))
-    tf32: bool = _field(True, "TF32 tensor cores for the fp32 matmuls and convolutions (Ampere or newer GPUs)")
+                                choices=("auto", "true", "false"), resume=True)
+    tf32: bool = _field(True, "TF32 tensor cores for the fp32 matmuls and convolutions (Ampere or newer GPUs)", resume=True)
     compile: bool = _field(False, "torch.compile the UNet: minutes of compiling first, faster steps after "
-                                  "(for long GPU runs)")
-    fused_adamw: bool = _field(True, "one fused AdamW kernel for all parameters")
+                                  "(for long GPU runs)", resume=True)
+    fused_adamw: bool = _field(True, "one fused AdamW kernel for all parameters", resume=True)
     # memory: the same update to float rounding, in less memory
     grad_accum: int = _field(1, "split each step's --batch_size images into this many micro-batches, one "
-                                "forward and backward each, summed into one update (less memory, same math)")
+                                "forward and backward each, summed into one update (less memory, same math)", resume=True)
     grad_checkpointing: bool = _field(False, "recompute the residual and attention blocks' activations in the "
-                                             "backward pass instead of storing them (less memory, slower steps)")
-    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)", aliases=("workers",))
+                                             "backward pass instead of storing them (less memory, slower steps)", resume=True)
+    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)", aliases=("workers",), resume=True)
     # monitoring and saving
-    log_every: int = _field(50, "write a loss-log row every this many steps", aliases=("log_interval",))
-    sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)")
-    num_preview: int = _field(10, "images in each preview grid")
-    preview_steps: int = _field(50, "DDIM steps used for previews")
+    log_every: int = _field(50, "write a loss-log row every this many steps", aliases=("log_interval",), resume=True)
+    sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)", resume=True, menu=9)
+    num_preview: int = _field(10, "images in each preview grid", resume=True)
+    preview_steps: int = _field(50, "DDIM steps used for previews", resume=True)
     clip_x0: str = _field("static", "how the samplers hold each step's predicted x_0 in [-1, 1]: static clamps "
                                     "every value (Ho et al.), dynamic divides by the image's 99.5th percentile of "
                                     "|x_0| when above 1 (Imagen's dynamic thresholding), none leaves it. A run's "
                                     "previews and FID use it; --mode sample and eval use the checkpoint's unless "
                                     "given (samples named _clip<rule> unless static)",
-                          choices=("static", "dynamic", "none"))
+                          choices=("static", "dynamic", "none"), resume=True)
     save_every: int = _field(10, "save a checkpoint every this many epochs (and always at the end)",
-                            aliases=("save_freq",))
+                            aliases=("save_freq",), resume=True, menu=10)
     save_every_steps: int = _field(0, "also save latest.pt every this many steps (0 = off), so a crash "
-                                      "loses minutes, not an epoch")
+                                      "loses minutes, not an epoch", resume=True)
     save_every_minutes: float = _field(30.0, "also save latest.pt every this many minutes (0 = off; the paper's "
-                                             "code saved every 1600 s)")
+                                             "code saved every 1600 s)", resume=True)
     max_bad_steps: int = _field(20, "stop (saving the last good weights) after this many consecutive steps "
-                                    "with a non-finite loss or gradient; each such step is skipped")
-    keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)")
+                                    "with a non-finite loss or gradient; each such step is skipped", resume=True)
+    keep_last: int = _field(0, "keep only the newest N epoch checkpoints (0 = keep all)", resume=True)
     early_stopping: bool = _field(False, "stop when the validation loss (or FID, with --fid_every) has not "
-                                         "improved for --patience evaluations")
+                                         "improved for --patience evaluations", resume=True)
     patience: int = _field(10, "evaluations without improvement before early stopping",
-                          aliases=("early_stopping_patience",))
+                          aliases=("early_stopping_patience",), resume=True)
     fid_every: int = _field(0, "compute FID every this many epochs with 20-step DPM-Solver++ (0 = never; "
-                               "needs pip install pytorch-fid)")
-    fid_samples: int = _field(10_000, "samples per FID during training")
+                               "needs pip install pytorch-fid)", resume=True)
+    fid_samples: int = _field(10_000, "samples per FID during training", resume=True)
     fid_weights: str = _field("", "local FID Inception weights (pytorch-fid's pt_inception-2015-12-05 file); "
-                                  "empty: download them once")
-    tensorboard: bool = _field(False, "also log scalars and preview grids to TensorBoard (pip install tensorboard)")
+                                  "empty: download them once", resume=True)
+    tensorboard: bool = _field(False, "also log scalars and preview grids to TensorBoard (pip install tensorboard)", resume=True)
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+def _fields_with(key):
+    return tuple(name for name, f in CONFIG_FIELDS.items() if key in f.metadata)
+
+
 # What the weights were trained for: a run started --init_from a checkpoint takes these from it.
-ARCHITECTURE_FIELDS = ("image_size", "base_channels", "channel_mults", "num_res_blocks", "use_attention",
-                       "attn_resolutions", "emb_dim", "norm_groups", "norm_min_channels", "norm_eps", "downsample_padding",
-                       "class_conditional", "timesteps", "schedule_type", "beta_start", "beta_end", "cosine_s")
-
-
+ARCHITECTURE_FIELDS = _fields_with("arch")
 # A resumed run may change only how it is driven and watched; anything else would silently make it
 # a different run (architecture, schedule, optimisation, data order).
-RESUME_MAY_CHANGE = ("epochs", "max_steps", "max_minutes", "device", "amp", "channels_last", "tf32", "compile", "fused_adamw",
-                     "grad_accum", "grad_checkpointing",
-                     "num_workers", "data_dir", "log_every", "guidance_scale",
-                     "sample_every", "num_preview", "preview_steps", "clip_x0", "save_every", "save_every_steps",
-                     "save_every_minutes", "max_bad_steps", "keep_last",
-                     "checkpoint_dir", "samples_dir", "run_name", "early_stopping", "patience", "fid_every", "fid_samples", "fid_weights",
-                     "tensorboard")
+RESUME_MAY_CHANGE = _fields_with("resume")
+# The hyperparameters the menu asks for, in order.
+MENU_FIELDS = tuple(sorted(_fields_with("menu"), key=lambda name: CONFIG_FIELDS[name].metadata["menu"]))
+# What checkpoints from before an option was added were trained with.
+LEGACY_VALUES = {name: CONFIG_FIELDS[name].metadata["legacy"] for name in _fields_with("legacy")}
 
 
 # Presets hold overrides of Config only, so a typo in a key fails at import (Config(**preset)).
@@ -640,39 +647,39 @@ class UNet(nn.Module):
     Ho et al. 2020, the function diffusers' UNet2DModel computes for google/ddpm-cifar10-32.
     """
 
-    def __init__(self, image_size=32, in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2),
-                 num_res_blocks=2, attn_resolutions=(16,), dropout=0.1, emb_dim=512, use_attention=True,
-                 norm_groups=32, norm_eps=1e-6, downsample_padding="same", norm_min_channels=4, num_classes=0):
+    def __init__(self, cfg=None, num_classes=0, in_channels=3):
         super().__init__()
+        cfg = cfg or Config()  # the model fields: image_size, base_channels ... downsample_padding
+        base_channels, channel_mults, emb_dim, dropout = cfg.base_channels, cfg.channel_mults, cfg.emb_dim, cfg.dropout
         self.base_channels, self.num_classes = base_channels, num_classes
         self.grad_checkpointing = False  # how it trains, not what it is: set by build_model, not saved
-        norm = Norm(norm_groups, norm_eps, norm_min_channels)
+        norm = Norm(cfg.norm_groups, cfg.norm_eps, cfg.norm_min_channels)
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes:
             # A learned vector per class added to the timestep embedding (as improved-diffusion and
             # EDM do), and one more row, index num_classes, for "no class": label -1.
             self.class_emb = nn.Embedding(num_classes + 1, emb_dim)
         self.head = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        attn_at = set(attn_resolutions) if use_attention else set()
+        attn_at = set(cfg.attn_resolutions) if cfg.use_attention else set()
 
         self.down, skip_channels = nn.ModuleList(), [base_channels]
-        ch, res = base_channels, image_size
+        ch, res = base_channels, cfg.image_size
         for level, mult in enumerate(channel_mults):
-            for _ in range(num_res_blocks):
+            for _ in range(cfg.num_res_blocks):
                 self.down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout, res in attn_at, norm))
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level < len(channel_mults) - 1:
-                self.down.append(Downsample(ch, downsample_padding))
+                self.down.append(Downsample(ch, cfg.downsample_padding))
                 res //= 2
                 skip_channels.append(ch)
 
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, use_attention, norm),
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, cfg.use_attention, norm),
                                   ResBlock(ch, ch, emb_dim, dropout, norm=norm)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
-            for _ in range(num_res_blocks + 1):
+            for _ in range(cfg.num_res_blocks + 1):
                 self.up.append(ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout,
                                         res in attn_at, norm))
                 ch = base_channels * mult
@@ -724,12 +731,7 @@ class UNet(nn.Module):
 
 def build_model(cfg, num_classes=0):
     """The UNet of cfg; num_classes > 0 (a class-conditional run's classes) adds the class embedding."""
-    model = UNet(num_classes=num_classes if cfg.class_conditional else 0, image_size=cfg.image_size,
-                 base_channels=cfg.base_channels, channel_mults=cfg.channel_mults,
-                 num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
-                 dropout=cfg.dropout, emb_dim=cfg.emb_dim, use_attention=cfg.use_attention,
-                 norm_groups=cfg.norm_groups, norm_eps=cfg.norm_eps, downsample_padding=cfg.downsample_padding,
-                 norm_min_channels=cfg.norm_min_channels)
+    model = UNet(cfg, num_classes if cfg.class_conditional else 0)
     model.grad_checkpointing = cfg.grad_checkpointing
     return model
 
@@ -2193,7 +2195,6 @@ class Saver:
 
 # Fields added after checkpoints were first written, with the value those older checkpoints were
 # trained with: a saved config without the field gets this value, not today's default.
-LEGACY_VALUES = dict(norm_eps=1e-5, downsample_padding="symmetric", norm_min_channels=1)
 
 
 def config_from_dict(values):
@@ -2453,6 +2454,58 @@ def check_writable_folder(folder, flag):
         raise UserError(f"{flag} {folder}: no permission to write in {existing}")
 
 
+@dataclass(frozen=True)
+class SampleConfig:
+    """What --mode sample and eval draw and write, parsed once: their flags are made from these
+    fields as the training flags are from Config's. The training flags they share come last, None
+    where not given (the checkpoint's value, or auto)."""
+    checkpoint: str = _field(None, "checkpoint file, a run folder meaning its newest checkpoint, or a diffusers "
+                                   "DDPMPipeline or UNet2DModel folder")
+    num_samples: int = _field(None, "images to generate (sample: 64, eval: 10000)")
+    sampler: str = _field("ddpm", "ddpm: ancestral (Ho et al.); ddim: Song et al.; dpmpp2m: DPM-Solver++(2M), "
+                                  "10-50 steps", choices=tuple(SAMPLERS))
+    sampling_steps: int = _field(None, "K <= T evenly strided steps (default T)")
+    timestep_spacing: str = _field(None, "which K of the T steps to visit (default: uniform for ddpm/ddim, logsnr "
+                                         "for dpmpp2m)", choices=TIMESTEP_SPACINGS)
+    eta: float = _field(0.0, "DDIM noise: 0 deterministic, 1 DDPM-like")
+    var_type: str = _field("fixedlarge", "DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's",
+                           choices=VAR_TYPES)
+    no_ema: bool = _field(False, "sample with the raw weights instead of the EMA")
+    trajectory: bool = _field(False, "also write <stem>_trajectory.png: for 4 samples, x_t and the predicted x_0 at "
+                                     "10 points of the chain, from noise to image")
+    nearest: int = _field(None, "also write <stem>_nearest.png: the first 10 samples, each beside its K nearest "
+                                "training images (L2 in Inception pool3 space with pytorch-fid and its weights, else "
+                                "in pixels), to see whether the model copies its data", metavar="K")
+    class_label: str = _field(None, "class-conditional checkpoints: the class to generate, or all (the default): an "
+                                    "equal number of every class, in class order; --guidance_scale sets w",
+                              metavar="NAME|INDEX|all")
+    out: str = _field(None, "output folder (default samples/<run>/)")
+    export_safetensors: str = _field(None, "write the checkpoint's sampling weights (EMA unless --no_ema) and config "
+                                           "to a .safetensors file (pip install safetensors) instead of sampling; "
+                                           "--checkpoint reads such files too", metavar="FILE")
+    export_diffusers: str = _field(None, "write the sampling weights (EMA unless --no_ema) and the schedule as a "
+                                         "diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler; pip install "
+                                         "safetensors) instead of sampling; --checkpoint reads such folders too",
+                                   metavar="DIR")
+    eval_npz: str = _field(None, "score the uint8 (N, H, W, 3) images in this .npz instead of generating",
+                           metavar="FILE")
+    seed: Optional[int] = None
+    batch_size: Optional[int] = None
+    device: Optional[str] = None
+    amp: Optional[str] = None
+    channels_last: Optional[str] = None
+    clip_x0: Optional[str] = None
+    guidance_scale: Optional[float] = None
+    data_dir: Optional[str] = None
+    fid_weights: Optional[str] = None
+    dataset: Optional[str] = None
+    image_size: Optional[int] = None
+
+    @classmethod
+    def of(cls, args):
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
 def unique_stem(folder, stem):
     """stem, or stem_2, stem_3, ... so earlier samples are never overwritten."""
     candidate, k = stem, 1
@@ -2567,8 +2620,9 @@ def export_weights(args, ckpt):
 
 
 def run_sample(args):
+    """--mode sample (a SampleConfig): images of a checkpoint as PNGs, an .npz and a grid."""
     from PIL import Image
-    args.num_samples = 64 if args.num_samples is None else args.num_samples
+    args = dataclasses.replace(args, num_samples=64 if args.num_samples is None else args.num_samples)
     if args.num_samples < 1:
         raise UserError("--num_samples must be at least 1")
     if args.nearest is not None and args.nearest < 1:
@@ -2763,40 +2817,16 @@ def build_parser():
                              "DistributedDataParallel (training) or N shards of the samples (sample, eval); "
                              "with --device cpu, N CPU processes")
     sample = parser.add_argument_group("sampling (--mode sample)")
-    sample.add_argument("--checkpoint", help="checkpoint file, a run folder meaning its newest checkpoint, or a "
-                                             "diffusers DDPMPipeline or UNet2DModel folder")
-    sample.add_argument("--num_samples", type=int, default=None, help="images to generate (sample: 64, eval: 10000)")
-    sample.add_argument("--sampler", choices=tuple(SAMPLERS), default="ddpm",
-                        help="ddpm: ancestral (Ho et al.); ddim: Song et al.; dpmpp2m: DPM-Solver++(2M), 10-50 steps")
-    sample.add_argument("--sampling_steps", type=int, default=None, help="K <= T evenly strided steps (default T)")
-    sample.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
-                        help="which K of the T steps to visit (default: uniform for ddpm/ddim, logsnr for dpmpp2m)")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    sample.add_argument("--var_type", choices=("fixedlarge", "fixedsmall"), default="fixedlarge",
-                        help="DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's")
-    sample.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
-    sample.add_argument("--trajectory", action="store_true",
-                        help="also write <stem>_trajectory.png: for 4 samples, x_t and the predicted x_0 at 10 "
-                             "points of the chain, from noise to image")
-    sample.add_argument("--nearest", type=int, metavar="K",
-                        help="also write <stem>_nearest.png: the first 10 samples, each beside its K nearest "
-                             "training images (L2 in Inception pool3 space with pytorch-fid and its weights, "
-                             "else in pixels), to see whether the model copies its data")
-    sample.add_argument("--class_label", metavar="NAME|INDEX|all",
-                        help="class-conditional checkpoints: the class to generate, or all (the default): an equal "
-                             "number of every class, in class order; --guidance_scale sets w")
-    sample.add_argument("--out", help="output folder (default samples/<run>/)")
-    sample.add_argument("--export_safetensors", metavar="FILE",
-                        help="write the checkpoint's sampling weights (EMA unless --no_ema) and config to a "
-                             ".safetensors file (pip install safetensors) instead of sampling; --checkpoint "
-                             "reads such files too")
-    sample.add_argument("--export_diffusers", metavar="DIR",
-                        help="write the sampling weights (EMA unless --no_ema) and the schedule as a diffusers "
-                             "DDPMPipeline folder (UNet2DModel + DDPMScheduler; pip install safetensors) instead "
-                             "of sampling; --checkpoint reads such folders too")
     evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
-    evaluate.add_argument("--eval_npz", metavar="FILE", help="score the uint8 (N, H, W, 3) images in this .npz "
-                                                             "instead of generating")
+    for f in dataclasses.fields(SampleConfig):
+        if "help" not in f.metadata:
+            continue  # a training flag, above
+        group = evaluate if f.name == "eval_npz" else sample
+        if f.type is bool:
+            group.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            group.add_argument(f"--{f.name}", type=f.type, default=f.default, choices=f.metadata.get("choices"),
+                               metavar=f.metadata.get("metavar"), help=f.metadata["help"])
     return parser
 
 
@@ -2857,9 +2887,6 @@ def init_from_architecture(explicit):
     return {name: getattr(source, name) for name in ARCHITECTURE_FIELDS}
 
 
-# The hyperparameters the menu asks for, in order.
-MENU_FIELDS = ("epochs", "batch_size", "learning_rate", "timesteps", "schedule_type", "base_channels",
-               "use_attention", "scheduler", "grad_clip", "sample_every", "save_every")
 
 
 def ask_until_valid(prompt, parse, ask):
@@ -2994,9 +3021,9 @@ def main(argv=None):
             if not args.checkpoint:
                 raise UserError("--mode sample needs --checkpoint PATH (a .pt file, a run folder or a "
                                 "diffusers folder)")
-            run_sample(args)
+            run_sample(SampleConfig.of(args))
         elif args.mode == "eval":
-            run_eval(args)
+            run_eval(SampleConfig.of(args))
         else:
             cfg, ckpt = resolve_train_config(args)
             print_config(cfg)

@@ -3,6 +3,8 @@
     python bench/bench_train.py                        # batch 128 on CUDA if there is one, else the CPU
     python bench/bench_train.py --largest_batch        # GPU: also rows 1 and 3 at the largest batch that fits
     python bench/bench_train.py --batch 2 --steps 1 --warmup 1 --rows ours,diffusers   # smoke test
+    git show HEAD~3:train_ddpm.py > /tmp/before.py
+    python bench/bench_train.py --baseline /tmp/before.py --rows ours,baseline   # a change against the code before it
 
 Both networks are the 35.7M-parameter DDPM UNet of Ho et al. 2020 and train on the same batch with
 AdamW lr 2e-4, grad clip 1.0, the MSE on the noise at random t with x_t from our q_sample, and an
@@ -50,7 +52,9 @@ ROWS = {
     # amp auto is bf16 exactly where the brief's condition holds: bf16-capable GPU, or a CPU with native bf16.
     "diffusers_bf16": ("diffusers UNet2DModel, bf16 autocast", "diffusers", {"amp": "auto"}),
     "ours_compile": ("ours + torch.compile", "ours", {"compile": True}),
+    "baseline": ("ours, the --baseline train_ddpm.py (its defaults)", "baseline", {}),
 }
+BASELINE = None  # --baseline: another train_ddpm.py, imported as a module
 DEFAULT_ROWS = "ours,ours_fp32,diffusers,diffusers_bf16"
 # Dense bf16 tensor-core peaks (fp16 for the V100), TFLOP/s, by device-name substring: first match wins.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312),
@@ -102,8 +106,9 @@ def seconds_per_call(fn, steps, warmup, device):
     return (time.perf_counter() - start) / steps
 
 
-def build_ours(cfg, device, diffusion):
-    """Our training step exactly as train_ddpm.train() runs it; returns (params, step, evaluate)."""
+def build_ours(cfg, device, diffusion, td=td):
+    """Our training step exactly as train_ddpm.train() runs it (td: this train_ddpm or the
+    --baseline one); returns (params, step, evaluate)."""
     layout, dtype = td.use_channels_last(cfg.channels_last, device), td.autocast_dtype(cfg.amp, device)
     model = td.place_model(td.build_model(cfg), device, layout)
     forward = td.Precision(torch.compile(model) if cfg.compile else model, device, dtype, layout)
@@ -112,7 +117,10 @@ def build_ours(cfg, device, diffusion):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(x, t, noise, i):
-        td.train_step(forward, diffusion, td.Batch(x, t, noise), optimizer, scaler, cfg.grad_clip)
+        if hasattr(td, "Batch"):
+            td.train_step(forward, diffusion, td.Batch(x, t, noise), optimizer, scaler, cfg.grad_clip)
+        else:  # a train_ddpm.py from before the Batch
+            td.train_step(forward, model, diffusion, x, t, noise, optimizer, scaler, cfg.grad_clip)
         ema.update(model, i)
 
     def evaluate(x, t):
@@ -155,7 +163,10 @@ def build_row(key, batch, device):
     cfg = td.preset_config("ddpm_paper", overrides)
     diffusion = td.build_diffusion(cfg).to(device)
     torch.manual_seed(SEED)
-    params, step, evaluate = (build_ours if network == "ours" else build_diffusers)(cfg, device, diffusion)
+    if network == "diffusers":
+        params, step, evaluate = build_diffusers(cfg, device, diffusion)
+    else:
+        params, step, evaluate = build_ours(cfg, device, diffusion, BASELINE if network == "baseline" else td)
     torch.manual_seed(SEED)  # again: the two inits draw differently, the batch, t and noise must not
     x0 = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device) * 2 - 1
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
@@ -263,8 +274,18 @@ def main():
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="peak TFLOP/s for MFU (default: known GPUs' dense bf16 peak; none on CPU)")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--baseline", metavar="FILE", help="another train_ddpm.py (e.g. from git show) for the row "
+                                                           "baseline, timed beside ours in the same rounds")
     args = parser.parse_args()
     keys = [k for k in args.rows.split(",") if k] + (["ours_compile"] if args.compile else [])
+    if "baseline" in keys:
+        if not args.baseline:
+            parser.error("the row baseline needs --baseline FILE")
+        global BASELINE
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("train_ddpm_baseline", args.baseline)
+        BASELINE = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(BASELINE)
     unknown = [k for k in keys if k not in ROWS]
     if unknown:
         parser.error(f"unknown --rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -322,6 +343,9 @@ def main():
           f"sampling {ratio(results, 'ours', 'diffusers_bf16', 'sample')}")
     print(f"- like for like, fp32 (ours fp32 / diffusers): train {ratio(results, 'ours_fp32', 'diffusers', 'train')}, "
           f"sampling {ratio(results, 'ours_fp32', 'diffusers', 'sample')}")
+    if "baseline" in results:
+        print(f"- this train_ddpm.py / the --baseline one: train {ratio(results, 'ours', 'baseline', 'train')}, "
+              f"sampling {ratio(results, 'ours', 'baseline', 'sample')}")
     if len(extra) == 2:
         ours, theirs = extra
         print(f"- at the largest batch each fits (ours {ours['batch']}, diffusers {theirs['batch']}): "

@@ -948,3 +948,10 @@ def test_tensorboard_without_the_package_is_a_one_line_error(cifar_dir, tmp_path
     assert_one_line_error(run_cli(*TINY, "--epochs", "1", "--tensorboard", "--data_dir", cifar_dir, cwd=tmp_path),
                           "pip install tensorboard")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_script_and_readme_name_every_preset():
+    import train_ddpm
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in train_ddpm.PRESETS if name not in train_ddpm.__doc__ or f"`{name}`" not in readme]
+    assert not missing, f"presets the module docstring or the README leave out: {missing}"

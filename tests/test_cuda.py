@@ -31,8 +31,8 @@ GPU_FLAGS = [*TINY, "--device", "cuda", "--val_size", "0", "--sample_every", "0"
 
 def tiny_unet(dropout=0.0, num_classes=0):
     torch.manual_seed(0)
-    return td.UNet(image_size=16, base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-                   dropout=dropout, emb_dim=32, num_classes=num_classes)
+    return td.UNet(td.Config(image_size=16, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                             attn_resolutions=(8,), dropout=dropout, emb_dim=32), num_classes)
 
 
 def flat(parameters):

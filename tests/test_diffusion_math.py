@@ -527,7 +527,8 @@ def tiny_unet(**kw):
     args = dict(image_size=8, in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                 attn_resolutions=(4,), dropout=0.0, emb_dim=16)
     args.update(kw)
-    return td.UNet(**args)
+    num_classes, in_channels = args.pop("num_classes", 0), args.pop("in_channels", 3)
+    return td.UNet(td.Config(**args), num_classes, in_channels)
 
 
 def test_unet_output_has_the_shape_of_its_input():
@@ -574,8 +575,8 @@ def test_narrow_levels_get_fewer_groups_so_every_block_still_sees_the_timestep()
     # a UNet whose every norm is like that predicts the same noise at t = 10 and t = 900.
     def difference_between_t(**norm):
         torch.manual_seed(0)
-        model = td.UNet(base_channels=32, channel_mults=(1, 1), num_res_blocks=1, emb_dim=64, dropout=0.0,
-                        **norm).eval()
+        model = td.UNet(td.Config(base_channels=32, channel_mults=(1, 1), num_res_blocks=1, emb_dim=64, dropout=0.0,
+                                  **norm)).eval()
         for module in model.modules():  # wake the zero-initialised layers so the output is not 0
             if getattr(module, "zero_init", False):
                 torch.nn.init.normal_(module.weight, std=0.05)

@@ -52,8 +52,8 @@ def test_the_respaced_chain_keeps_the_strided_alpha_bars_exactly():
 
 
 def tiny_unet(num_classes=0):
-    return td.UNet(in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-                   dropout=0.0, emb_dim=16, norm_groups=2, num_classes=num_classes)
+    return td.UNet(td.Config(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                             dropout=0.0, emb_dim=16, norm_groups=2), num_classes)
 
 
 @pytest.mark.parametrize("sampler", sorted(td.SAMPLERS))

@@ -23,7 +23,7 @@ def tiny_unet(dropout=0.0, **overrides):
     torch.manual_seed(0)
     kwargs = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=dropout,
                   emb_dim=32, image_size=16)
-    return td.UNet(**{**kwargs, **overrides})
+    return td.UNet(td.Config(**{**kwargs, **overrides}))
 
 
 def inputs(batch=4, size=16, seed=1):

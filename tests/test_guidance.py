@@ -90,7 +90,7 @@ def test_guidance_between_two_gaussians_of_one_width_extrapolates_their_means(sa
 
 def test_a_class_conditional_unet_takes_labels_and_minus_one_is_its_no_class_row():
     torch.manual_seed(0)
-    model = td.UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, emb_dim=32, dropout=0.0,
+    model = td.UNet(td.Config(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, emb_dim=32, dropout=0.0),
                     num_classes=3).eval()
     for module in model.modules():  # wake the zero-initialised output layers
         if getattr(module, "zero_init", False):
@@ -106,7 +106,7 @@ def test_a_class_conditional_unet_takes_labels_and_minus_one_is_its_no_class_row
         assert torch.allclose(model(x, t, torch.full((4,), -1))[1], by_label[1])
     assert not torch.allclose(by_label[0], by_label[1]) and torch.allclose(by_label[3], null[3])
     # an unconditional UNet has no embedding and refuses labels, so it cannot be fed them by mistake
-    plain = td.UNet(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, emb_dim=32)
+    plain = td.UNet(td.Config(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, emb_dim=32))
     assert not any("class_emb" in name for name in plain.state_dict())
     assert td.count_parameters(plain) + 4 * 32 == td.count_parameters(model)
     with pytest.raises(ValueError, match="unconditional"):

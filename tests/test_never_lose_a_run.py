@@ -227,8 +227,8 @@ def test_the_eta_of_a_max_minutes_run_is_the_time_it_has_left():
 
 def tiny_training(fused):
     torch.manual_seed(0)
-    model = td.UNet(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                    dropout=0.0, emb_dim=16)
+    model = td.UNet(td.Config(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                              attn_resolutions=(), dropout=0.0, emb_dim=16))
     optimizer = td.build_optimizer(model, td.Config(learning_rate=1e-3, fused_adamw=fused))
     return model, optimizer, torch.amp.GradScaler("cpu", enabled=False)
 
