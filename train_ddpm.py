@@ -72,11 +72,11 @@ def _field(default, help, **meta):
 class Config:
     """Everything a training run depends on. Flags, the menu and checkpoints are all built from it.
 
-    Precedence, lowest first: these defaults <- preset <- checkpoint (on resume) <- explicit flags.
-    """
+    Precedence, lowest first: these defaults <- preset <- checkpoint (on resume) <- explicit flags."""
     # run
     preset: str = _field("cifar10", "preset the run started from")
-    run_name: str = _field("", "run directory under checkpoint_dir and samples_dir (default: <preset>_ts<timesteps>)", resume=True)
+    run_name: str = _field("", "run directory under checkpoint_dir and samples_dir (default: <preset>_ts<timesteps>)",
+                           resume=True)
     checkpoint_dir: str = _field("checkpoints", "where run directories with checkpoints and logs go", resume=True)
     samples_dir: str = _field("samples", "where run directories with preview grids and samples go", resume=True)
     init_from: str = _field("", "start a new run's weights (and EMA) from this checkpoint, .safetensors export or "
@@ -110,12 +110,14 @@ class Config:
                                   "their greatest common divisor", arch=True)
     norm_min_channels: int = _field(4, "fewest channels in a GroupNorm group (the paper's 128-wide levels have 4); "
                                        "narrow levels get fewer groups. One channel per group would erase the "
-                                       "timestep embedding, a per-channel constant, leaving that block blind to t", arch=True, legacy=1)
+                                       "timestep embedding, a per-channel constant, leaving that block blind to t",
+                                    arch=True, legacy=1)
     norm_eps: float = _field(1e-6, "GroupNorm epsilon (the paper's TensorFlow value; checkpoints from before "
                                    "this option used PyTorch's 1e-5)", arch=True, legacy=1e-5)
     downsample_padding: str = _field("same", "padding of the stride-2 downsampling conv: same pads bottom and right "
                                              "only (TensorFlow, the paper), symmetric pads every side (checkpoints "
-                                             "from before this option)", choices=("same", "symmetric"), arch=True, legacy="symmetric")
+                                             "from before this option)", choices=("same", "symmetric"), arch=True,
+                                 legacy="symmetric")
     # diffusion
     timesteps: int = _field(1000, "number of diffusion steps T", arch=True, menu=3)
     schedule_type: str = _field("linear", "beta schedule", choices=("linear", "cosine"), arch=True, menu=4)
@@ -144,19 +146,22 @@ class Config:
     device: str = _field("auto", "where to train", choices=("auto", "cpu", "cuda"), resume=True)
     # speed: none of these changes what is computed beyond float rounding
     amp: str = _field("auto", "mixed precision of the UNet: auto (bf16 where the GPU or CPU runs it natively, "
-                              "else off), bf16, fp16 (with loss scaling) or off", choices=("auto", "bf16", "fp16", "off"), resume=True)
+                              "else off), bf16, fp16 (with loss scaling) or off", choices=("auto", "bf16", "fp16", "off"),
+                      resume=True)
     channels_last: str = _field("auto", "channels-last memory layout for the convolutions (auto: on GPUs)",
                                 choices=("auto", "true", "false"), resume=True)
-    tf32: bool = _field(True, "TF32 tensor cores for the fp32 matmuls and convolutions (Ampere or newer GPUs)", resume=True)
+    tf32: bool = _field(True, "TF32 tensor cores for the fp32 matmuls and convolutions (Ampere or newer GPUs)",
+                        resume=True)
     compile: bool = _field(False, "torch.compile the UNet: minutes of compiling first, faster steps after "
                                   "(for long GPU runs)", resume=True)
     fused_adamw: bool = _field(True, "one fused AdamW kernel for all parameters", resume=True)
     # memory: the same update to float rounding, in less memory
-    grad_accum: int = _field(1, "split each step's --batch_size images into this many micro-batches, one "
-                                "forward and backward each, summed into one update (less memory, same math)", resume=True)
-    grad_checkpointing: bool = _field(False, "recompute the residual and attention blocks' activations in the "
-                                             "backward pass instead of storing them (less memory, slower steps)", resume=True)
-    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)", aliases=("workers",), resume=True)
+    grad_accum: int = _field(1, "split each step's --batch_size images into this many micro-batches, one forward "
+                                "and backward each, summed into one update (less memory, same math)", resume=True)
+    grad_checkpointing: bool = _field(False, "recompute the residual and attention blocks' activations in the backward "
+                                             "pass instead of storing them (less memory, slower steps)", resume=True)
+    num_workers: int = _field(4, "threads that decode an image folder (CIFAR-10 needs none)", aliases=("workers",),
+                              resume=True)
     # monitoring and saving
     log_every: int = _field(50, "write a loss-log row every this many steps", aliases=("log_interval",), resume=True)
     sample_every: int = _field(1, "write a preview grid every this many epochs (0 = never)", resume=True, menu=9)
@@ -186,7 +191,8 @@ class Config:
     fid_samples: int = _field(10_000, "samples per FID during training", resume=True)
     fid_weights: str = _field("", "local FID Inception weights (pytorch-fid's pt_inception-2015-12-05 file); "
                                   "empty: download them once", resume=True)
-    tensorboard: bool = _field(False, "also log scalars and preview grids to TensorBoard (pip install tensorboard)", resume=True)
+    tensorboard: bool = _field(False, "also log scalars and preview grids to TensorBoard (pip install tensorboard)",
+                               resume=True)
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -214,17 +220,16 @@ PRESETS = {
     # Every preset has one GroupNorm group count that leaves at least 4 channels per group at each of
     # its widths, so its models export to diffusers' UNet2DModel (one norm_num_groups for all norms).
     "quick_test": dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, emb_dim=128, norm_groups=8,
-                       dropout=0.0, timesteps=100, beta_start=1e-3, beta_end=0.2, batch_size=64, learning_rate=1e-3, warmup_steps=100,
-                       restart_period=4, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
+                       dropout=0.0, timesteps=100, beta_start=1e-3, beta_end=0.2, batch_size=64, learning_rate=1e-3,
+                       warmup_steps=100, restart_period=4, epochs=5, train_subset=5000, ema_decay=0.995, log_every=10,
                        save_every=1),
     "cifar10": dict(),
     "cifar10_optimized": dict(base_channels=64, emb_dim=256, norm_groups=16, learning_rate=3e-4, epochs=300,
                               restart_period=50),
     # 800,000 steps of 128 (2,048 passes over CIFAR-10): 2,052 epochs of 390 whole batches, cut at max_steps.
-    "ddpm_paper": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-                       attn_resolutions=(16,), dropout=0.1, emb_dim=512, timesteps=1000,
-                       schedule_type="linear", beta_start=1e-4, beta_end=0.02, learning_rate=2e-4,
-                       weight_decay=0.0, warmup_steps=5000, scheduler="constant", grad_clip=1.0,
+    "ddpm_paper": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                       dropout=0.1, emb_dim=512, timesteps=1000, schedule_type="linear", beta_start=1e-4, beta_end=0.02,
+                       learning_rate=2e-4, weight_decay=0.0, warmup_steps=5000, scheduler="constant", grad_clip=1.0,
                        ema_decay=0.9999, batch_size=128, epochs=2052, max_steps=800_000, save_every=25),
     "best_quality": dict(timesteps=2000, schedule_type="cosine", batch_size=256, learning_rate=2e-4,
                          emb_dim=256, epochs=800, restart_period=100),
@@ -232,8 +237,8 @@ PRESETS = {
                     timesteps=500, beta_start=2e-4, beta_end=0.04, batch_size=256, learning_rate=5e-4, epochs=200, restart_period=25),
     "low_memory": dict(base_channels=64, emb_dim=256, norm_groups=16, batch_size=32, learning_rate=1e-4,
                        epochs=200, restart_period=25),
-    "cifar10_cond": dict(base_channels=64, emb_dim=256, norm_groups=16, learning_rate=3e-4, epochs=300, restart_period=50,
-                         class_conditional=True, class_dropout=0.1, guidance_scale=2.0),
+    "cifar10_cond": dict(base_channels=64, emb_dim=256, norm_groups=16, learning_rate=3e-4, epochs=300,
+                         restart_period=50, class_conditional=True, class_dropout=0.1, guidance_scale=2.0),
     # One hour on a 2-core CPU is about 6,300 steps of 64: a 1.1M-parameter UNet at a constant high
     # LR with a short EMA, so the weights sampled at the end average the last few thousand steps.
     # Dynamic thresholding: a model this young predicts x_0 far out of range at high noise, and
@@ -508,8 +513,7 @@ def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=sl
 
     The order and the flips are a pure function of (seed, epoch), so a resumed run sees exactly the
     batches it would have seen; start_batch skips the ones already trained on. shard picks this
-    process's part of each batch when several processes train together.
-    """
+    process's part of each batch when several processes train together."""
     n = len(images)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).to(images.device)
@@ -523,7 +527,6 @@ def epoch_batches(images, batch_size, epoch, seed, flip, start_batch=0, shard=sl
 
 
 def planned_steps(cfg, n_batches):
-    """Optimizer steps the run will take: --epochs of n_batches, cut at --max_steps when it is set."""
     return cfg.epochs * n_batches if cfg.max_steps == 0 else min(cfg.epochs * n_batches, cfg.max_steps)
 
 
@@ -644,8 +647,7 @@ class UNet(nn.Module):
 
     With the defaults (128 channels, mults 1-2-2-2, 2 blocks, attention at 16x16, GroupNorm of 32
     groups with eps 1e-6, 'SAME'-padded downsampling) it is the 35.7M-parameter CIFAR-10 model of
-    Ho et al. 2020, the function diffusers' UNet2DModel computes for google/ddpm-cifar10-32.
-    """
+    Ho et al. 2020, the function diffusers' UNet2DModel computes for google/ddpm-cifar10-32."""
 
     def __init__(self, cfg=None, num_classes=0, in_channels=3):
         super().__init__()
@@ -874,10 +876,9 @@ class Processes:
 
     def gather(self, obj):
         """[obj of rank 0, obj of rank 1, ...] on every rank."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        out = [obj] * self.world
+        if self.world > 1:
+            torch.distributed.all_gather_object(out, obj)
         return out
 
     def barrier(self):
@@ -915,8 +916,7 @@ def make_beta_schedule(kind, timesteps, beta_start=1e-4, beta_end=0.02, cosine_s
 
     linear: evenly spaced from beta_start to beta_end (Ho et al. 2020).
     cosine: alpha_bar(t) = f(t) / f(0), f(t) = cos(((t / T + s) / (1 + s)) * pi / 2)^2, and
-            beta_t = 1 - alpha_bar(t + 1) / alpha_bar(t), clipped at 0.999 (Nichol & Dhariwal 2021, eq. 17).
-    """
+            beta_t = 1 - alpha_bar(t + 1) / alpha_bar(t), clipped at 0.999 (Nichol & Dhariwal 2021, eq. 17)."""
     if kind == "linear":
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
     if kind == "cosine":
@@ -942,8 +942,7 @@ class GaussianDiffusion(nn.Module):
     """The forward process q and the quantities the samplers need, in the names of improved-diffusion.
 
     `t` is an int64 tensor of indices in [0, T); t = 0 is the first noising step, so x_t at t = 0
-    is the least noisy latent. Buffers are float64 and cast to the data's dtype when used.
-    """
+    is the least noisy latent. Buffers are float64 and cast to the data's dtype when used."""
 
     def __init__(self, betas, device=None):
         """betas: the schedule's host table (a CPU tensor, array or list); every derived table is
@@ -962,13 +961,10 @@ class GaussianDiffusion(nn.Module):
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # The posterior variance is 0 at t = 0; like Ho et al., log it with the value at t = 1 there.
         first = posterior_variance[1:2] if len(betas) > 1 else betas[:1]
-        buffers = dict(
-            betas=betas,
-            alphas_cumprod=alphas_cumprod,
-            alphas_cumprod_prev=alphas_cumprod_prev,
+        for name, value in dict(
+            betas=betas, alphas_cumprod=alphas_cumprod, alphas_cumprod_prev=alphas_cumprod_prev,
             # q(x_t | x_0)
-            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
+            sqrt_alphas_cumprod=np.sqrt(alphas_cumprod), sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - alphas_cumprod),
             sqrt_recip_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod),
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / alphas_cumprod - 1),
             # posterior q(x_{t-1} | x_t, x_0)
@@ -978,8 +974,7 @@ class GaussianDiffusion(nn.Module):
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
             # reverse-process variance sigma_t^2 = beta_t ("fixedlarge", the paper's CIFAR-10 choice)
             log_betas_fixedlarge=np.log(np.concatenate([first, betas[1:]])),
-        )
-        for name, value in buffers.items():
+        ).items():
             self.register_buffer(name, torch.from_numpy(value).to(device))
 
     def q_sample(self, x_start, t, noise):
@@ -996,8 +991,7 @@ class GaussianDiffusion(nn.Module):
         """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. eqs. 6-7)."""
         mean = (_extract(self.posterior_mean_coef1, t, x_t) * x_start
                 + _extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        return (mean, _extract(self.posterior_variance, t, x_t),
-                _extract(self.posterior_log_variance_clipped, t, x_t))
+        return mean, _extract(self.posterior_variance, t, x_t), _extract(self.posterior_log_variance_clipped, t, x_t)
 
     def p_mean_variance(self, eps, x_t, t, clip_x0="static", var_type="fixedlarge"):
         """Mean and log-variance of p(x_{t-1} | x_t) from a noise prediction (Ho et al. sec. 3.2), and
@@ -1090,8 +1084,7 @@ def timestep_grid(num_timesteps, steps, spacing="uniform", alphas_cumprod=None):
     trailing:  T - 1, T - 1 - T/K, ... (Lin et al. 2024): starts at the last step, ends at T/K - 1.
     logsnr:    evenly spread in lambda = log(alpha_bar / (1 - alpha_bar)) from t = 0 to t = T - 1
                (DPM-Solver's "logSNR" steps; needs alphas_cumprod), or to T - 2 when the last step
-               alone drops lambda by more than the spacing (see _logsnr_grid_end).
-    """
+               alone drops lambda by more than the spacing (see _logsnr_grid_end)."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
     if spacing not in TIMESTEP_SPACINGS:
@@ -1147,7 +1140,6 @@ def _distinct_increasing(timesteps, last):
 
 
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp2m": "logsnr"}
-
 
 CLIP_MODES = CONFIG_FIELDS["clip_x0"].metadata["choices"]
 DYNAMIC_PERCENTILE = 0.995  # DPM-Solver++'s and diffusers' choice (Imagen leaves it open)
@@ -1206,8 +1198,7 @@ def clip_xstart(pred_xstart, clip):
              the next steps read as texture and keep; dividing by s shrinks the whole unsure
              prediction towards grey instead.
              Where the prediction is within [-1, 1] both are the identity.
-    none:    as predicted.
-    """
+    none:    as predicted."""
     if clip not in CLIP_MODES:
         raise ValueError(f"unknown clip_x0 {clip!r}; choose from {', '.join(CLIP_MODES)}")
     if clip == "static":
@@ -1280,8 +1271,7 @@ def dpmpp2m_sample(model, diffusion, x, timesteps, spec, generator=None, callbac
     alpha_t is DDPM's sqrt(alpha_bar_t)), and lambda_t = log(alpha_t / sigma_t). The first step is
     first order (it is DDIM); the last model call returns its x0_hat, the step to sigma = 0.
     Steps evenly spaced in lambda by default: with steps even in t, the last step from t ~ T/K to
-    t = 0 spans most of the lambda range and the multistep extrapolation loses its accuracy.
-    """
+    t = 0 spans most of the lambda range and the multistep extrapolation loses its accuracy."""
     alphas_cumprod = diffusion.alphas_cumprod_host[timesteps].tolist()  # host floats: the loop never syncs
     pred_prev, h_prev = None, None
     for i in reversed(range(len(timesteps))):
@@ -1317,8 +1307,7 @@ def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classe
     batch with a progress bar; image i of class classes[i] when classes (N,) are given.
 
     Batch k draws its noise from (seed, k) alone, so the images do not depend on how many processes
-    share the work: under torchrun rank r makes batches r, r + world, ... and every rank gets all.
-    """
+    share the work: under torchrun rank r makes batches r, r + world, ... and every rank gets all."""
     num_samples, device = shape[0], diffusion.betas.device
     generator = torch.Generator(device=device)
     starts = range(0, num_samples, batch_size)
@@ -1376,10 +1365,9 @@ class LRSchedule:
         self.warmup_steps, self.steps_per_epoch = cfg.warmup_steps, steps_per_epoch
         self.cosine_steps = (max(1, planned_steps(cfg, steps_per_epoch) - cfg.warmup_steps)
                              if cfg.scheduler == "cosine" else 0)
-        self.restarts = None
-        if cfg.scheduler == "cosine_restarts":
-            self.restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-                optimizer, T_0=cfg.restart_period, T_mult=cfg.restart_mult, eta_min=cfg.min_lr)
+        restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
+        self.restarts = (restarts(optimizer, T_0=cfg.restart_period, T_mult=cfg.restart_mult, eta_min=cfg.min_lr)
+                         if cfg.scheduler == "cosine_restarts" else None)
 
     def set_step(self, step):
         """Set the LR for optimizer update number `step` (0-based) and return it."""
@@ -1507,8 +1495,7 @@ class LossLog:
     the log continues exactly from the checkpoint instead of repeating steps; so is a training row
     after interval_step, the start of the log interval the checkpoint's Meter was summing (the last
     row of a run stopped off the --log_every grid): the resumed run writes that interval's row whole.
-    loss_q0..q3 split the loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it.
-    """
+    loss_q0..q3 split the loss by timestep quartile (t < T/4, ...), as improved-diffusion logs it."""
 
     def __init__(self, path, resume_step=None, interval_step=None):
         self.path = Path(path)
@@ -1609,9 +1596,8 @@ class Meter:
                    loss=f"{sum(loss_sums) / sum(counts):.6f}" if sum(counts) else "",
                    grad_norm=f"{grad_norm_sum / (n - bad):.4f}" if n > bad else "",
                    images_per_s=f"{timed * batch_size / (now - self.interval_start):.1f}",
-                   elapsed_s=f"{self.elapsed():.1f}", session=session)
-        for q in range(4):
-            row[f"loss_q{q}"] = f"{loss_sums[q] / counts[q]:.6f}" if counts[q] else ""
+                   elapsed_s=f"{self.elapsed():.1f}", session=session,
+                   **{f"loss_q{q}": f"{loss_sums[q] / counts[q]:.6f}" if counts[q] else "" for q in range(4)})
         if end_interval:
             self._start_interval(step, now)
         return row
@@ -1630,8 +1616,7 @@ class Validator:
     noise, so that its value is comparable from epoch to epoch."""
 
     def __init__(self, images, num_timesteps, seed, batch_size):
-        g = torch.Generator().manual_seed(seed + 2)
-        n = len(images)
+        g, n = torch.Generator().manual_seed(seed + 2), len(images)
         self.images, self.batch_size = images, batch_size
         self.t = (torch.arange(n) * num_timesteps // n)[torch.randperm(n, generator=g)].to(images.device)
         self.noise = torch.randn(images.shape, generator=g).to(images.device)
@@ -1647,10 +1632,9 @@ class Validator:
 
 
 def write_preview(run, epoch):
-    """The epoch's grid of samples (SamplingSpec.for_previews) of the EMA model, from the same noise
-    every time so that grids from different epochs are comparable, to the samples folder and
-    TensorBoard. A class-conditional run previews --num_preview images of every class, a row each,
-    named in the picture."""
+    """The epoch's grid of DDIM samples of the EMA model, from the same noise every time so that grids
+    of different epochs compare, to the samples folder and TensorBoard. A class-conditional run
+    previews --num_preview images of every class, a row each, named in the picture."""
     cfg, names = run.cfg, run.state.class_names
     shape = (cfg.num_preview * max(1, len(names)), 3, cfg.image_size, cfg.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
@@ -1658,10 +1642,7 @@ def write_preview(run, epoch):
     spec = SamplingSpec("ddim", cfg.preview_steps, clip_x0=cfg.clip_x0, guidance_scale=cfg.guidance_scale)
     images = run.diffusion.sample(run.ema_forward, shape, spec, noise=noise, classes=classes)
     path = run.paths.samples / f"epoch_{epoch:04d}.png"
-    if names:
-        save_labelled_grid(images, names, path, title=f"w = {spec.guidance_scale:g}")
-    else:
-        save_grid(images, path)
+    save_grid(images, path, names, title=f"w = {spec.guidance_scale:g}")
     run.board.image("preview", images, run.state.step)
     tqdm.write(f"preview: {path}")
 
@@ -1720,11 +1701,13 @@ class TrainState:
     @classmethod
     def new(cls, cfg, data, device, procs=Processes()):
         """A fresh run's state: the UNet initialised from the global RNG, on the device in its layout."""
-        model = place_model(build_model(cfg, len(data.class_names)), device, use_channels_last(cfg.channels_last, device))
+        layout = use_channels_last(cfg.channels_last, device)
+        model = place_model(build_model(cfg, len(data.class_names)), device, layout)
         ema, optimizer = EMA(model, cfg.ema_decay), build_optimizer(model, cfg)
         scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.amp, device) == torch.float16)
-        return cls(cfg, model, ema, optimizer, LRSchedule(optimizer, cfg, steps_per_epoch(len(data.images), cfg.batch_size)),
-                   scaler, Meter(device, cfg.timesteps, procs), tuple(data.class_names), len(data.images))
+        lr_schedule = LRSchedule(optimizer, cfg, steps_per_epoch(len(data.images), cfg.batch_size))
+        return cls(cfg, model, ema, optimizer, lr_schedule, scaler, Meter(device, cfg.timesteps, procs),
+                   tuple(data.class_names), len(data.images))
 
     def state_dict(self, epoch):
         """The checkpoint, named after `epoch`; a class-conditional run also stores its class names."""
@@ -1846,9 +1829,8 @@ class Run:
     def __init__(self, cfg, paths, procs, device, data, state):
         self.cfg, self.paths, self.procs, self.device, self.data, self.state = cfg, paths, procs, device, data, state
         channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
-        net = state.model
-        if procs.world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        net = state.model if procs.world == 1 else torch.nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:
             net = compile_model(net, cfg, procs.world)
         n_batches, val = steps_per_epoch(len(data.images), cfg.batch_size), data.val
@@ -1891,7 +1873,8 @@ def train_loop(run, resumed=False):
     state.model.train()
     with GracefulStop() as signals:
         while stop is None:
-            bar = bar or epoch_bar(run)
+            bar = bar or tqdm(total=run.n_batches, initial=state.step % run.n_batches, unit="step", dynamic_ncols=True,
+                              desc=f"epoch {state.step // run.n_batches + 1}/{cfg.epochs}", disable=not procs.main)
             lr = take_step(run, *next(batches))
             bar.update(1)
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
@@ -1944,12 +1927,6 @@ def run_batches(run):
     for epoch in range(run.state.step // run.n_batches, cfg.epochs):
         yield from epoch_batches(run.data.images, cfg.batch_size, epoch, cfg.seed, cfg.flip,
                                  run.state.step - epoch * run.n_batches, run.shard, run.data.labels)
-
-
-def epoch_bar(run):
-    epoch, n = run.state.step // run.n_batches, run.n_batches
-    return tqdm(total=n, initial=run.state.step - epoch * n, desc=f"epoch {epoch + 1}/{run.cfg.epochs}", unit="step",
-                dynamic_ncols=True, disable=not run.procs.main)
 
 
 def take_step(run, x_start, y):
@@ -2065,10 +2042,6 @@ def refuse_existing_run(paths):
               f"save); starting it afresh")
 
 
-def checkpoint_name(timesteps, epoch):
-    return f"ddpm_ts{timesteps}_epoch{epoch:04d}.pt"
-
-
 def atomic_write(path, write):
     """Call write(f) on a temp file in the same folder, fsync, then rename: a crash leaves the old
     file or the new one, never a partial one."""
@@ -2125,12 +2098,6 @@ def epoch_checkpoints(run_dir):
     return sorted(Path(run_dir).glob("ddpm_ts*_epoch*.pt"), key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
-def prune_checkpoints(run_dir, keep_last):
-    if keep_last > 0:
-        for old in epoch_checkpoints(run_dir)[:-keep_last]:
-            old.unlink()
-
-
 def find_latest_checkpoint(run_dir):
     """latest.pt in run_dir, else the newest epoch checkpoint; None when the folder holds none."""
     run_dir = Path(run_dir)
@@ -2169,7 +2136,7 @@ class Saver:
         start = time.perf_counter()
         self.state.elapsed_s = self.state.meter.elapsed()
         ckpt = self.state.state_dict(epoch)
-        path = self.paths.checkpoints / (name or checkpoint_name(self.cfg.timesteps, epoch))
+        path = self.paths.checkpoints / (name or f"ddpm_ts{self.cfg.timesteps}_epoch{epoch:04d}.pt")
         need, free = checkpoint_bytes(ckpt), shutil.disk_usage(self.paths.checkpoints).free
         if free < need + 64 * 2 ** 20:
             tqdm.write(f"warning: not saving {path.name}: it needs {need / 2 ** 20:.0f} MB and the disk has "
@@ -2180,7 +2147,9 @@ class Saver:
             atomic_torch_save(ckpt, path)
             if name is None:  # an epoch checkpoint also becomes latest.pt, and older ones are pruned
                 point_latest_at(path)
-                prune_checkpoints(path.parent, self.cfg.keep_last)
+                if self.cfg.keep_last > 0:
+                    for old in epoch_checkpoints(path.parent)[:-self.cfg.keep_last]:
+                        old.unlink()
         except OSError as e:
             tqdm.write(f"warning: could not save {path} ({e.strerror or e}); the previous checkpoint is kept",
                        file=sys.stderr)
@@ -2191,10 +2160,6 @@ class Saver:
                 tqdm.write(f"checkpoint: {path}")
         self.state.meter.pause(time.perf_counter() - start)
         return path
-
-
-# Fields added after checkpoints were first written, with the value those older checkpoints were
-# trained with: a saved config without the field gets this value, not today's default.
 
 
 def config_from_dict(values):
@@ -2245,8 +2210,7 @@ def read_checkpoint(path):
 
 def newest_good_checkpoint(bad):
     """The newest other checkpoint beside `bad` that loads, or None."""
-    folder = Path(bad).parent
-    candidates = [p for p in folder.glob("*.pt") if p.is_file() and not p.samefile(bad)]
+    candidates = [p for p in Path(bad).parent.glob("*.pt") if p.is_file() and not p.samefile(bad)]
     for p in sorted(candidates, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
@@ -2314,11 +2278,10 @@ class RunLock:
 
 def _process_alive(pid):
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # alive, owned by someone else
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # alive, owned by someone else
     return True
 
 
@@ -2419,13 +2382,9 @@ def sampling_weights(ckpt, use_ema=True):
 
 
 def load_checkpoint(path, use_ema=True, device="cpu", amp="auto", channels_last="auto"):
-    """Load a checkpoint for sampling: returns (model in eval mode, diffusion, Config).
-
-    `path` is a .pt checkpoint, a .safetensors export, a run folder (its newest checkpoint) or a
-    diffusers DDPMPipeline/UNet2DModel folder. The architecture and schedule come from the checkpoint;
-    the weights are the EMA weights unless use_ema=False. The model is a Precision caller (--amp,
-    --channels_last) of the UNet.
-    """
+    """(model in eval mode, diffusion, Config) for sampling from `path`: a .pt checkpoint, a .safetensors
+    export, a run folder (its newest checkpoint) or a diffusers DDPMPipeline/UNet2DModel folder. The model
+    is a Precision caller (--amp, --channels_last) of the UNet, with the EMA weights unless use_ema=False."""
     return model_from_checkpoint(read_checkpoint(resolve_checkpoint_path(path)), use_ema, device, amp, channels_last)
 
 
@@ -2541,9 +2500,8 @@ class SamplingJob(NamedTuple):
 
 
 def sampling_job(args, ckpt, num_samples):
-    """The SamplingJob of the flags, every flag checked before any work (--eta, --batch_size,
-    --sampling_steps against the checkpoint's T, the classes): each flag left out takes the
-    checkpoint's value (seed, --clip_x0, --guidance_scale) or the default (T steps, batches of 128)."""
+    """The SamplingJob of the flags, each checked before any work (--sampling_steps against the checkpoint's T):
+    a flag left out takes the checkpoint's value (seed, --clip_x0, --guidance_scale) or the default."""
     cfg = config_from_dict(ckpt["config"])
     if args.eta < 0:
         raise UserError("--eta must be >= 0")
@@ -2619,8 +2577,22 @@ def export_weights(args, ckpt):
               f"diffusers.DDPMPipeline.from_pretrained({str(folder)!r}) or sample from it with --checkpoint {folder}")
 
 
+def write_trajectory(model, diffusion, job, path):
+    """--trajectory: the first (at most 4) images of the job's first batch drawn again, with x_t and the
+    predicted x_0 (held in [-1, 1]) at every step of the chain kept by a callback: how a sample forms."""
+    rows, points = min(4, job.num_samples), []
+    record = lambda step, t, x_t, x0: points.append((t, x_t.cpu(), x0.clamp(-1, 1).cpu()))  # noqa: E731
+    generator = torch.Generator(device=diffusion.betas.device).manual_seed(derived_seed(job.seed, 0, SAMPLE_BATCH))
+    final = diffusion.sample(model, (rows, 3, job.cfg.image_size, job.cfg.image_size), job.spec, generator=generator,
+                             classes=None if job.classes is None else job.classes[:rows], callback=record)
+    save_trajectory(points, final.cpu(), path)
+    print(f"wrote {path}")
+
+
 def run_sample(args):
     """--mode sample (a SampleConfig): images of a checkpoint as PNGs, an .npz and a grid."""
+    if not args.checkpoint:
+        raise UserError("--mode sample needs --checkpoint PATH (a .pt file, a run folder or a diffusers folder)")
     from PIL import Image
     args = dataclasses.replace(args, num_samples=64 if args.num_samples is None else args.num_samples)
     if args.num_samples < 1:
@@ -2659,8 +2631,7 @@ def run_sample(args):
     drawn, counts = (None, None) if classes is None else (t.tolist() for t in classes.unique(return_counts=True))
     if job.class_label == "all":  # a row per class drawn, named
         rows = np.concatenate([images[classes.numpy() == c][:min(10, *counts)] for c in drawn])
-        save_labelled_grid(as_float(rows), [names[c] for c in drawn], out / f"{stem}_grid.png",
-                           title=f"w = {spec.guidance_scale:g}")
+        save_grid(as_float(rows), out / f"{stem}_grid.png", [names[c] for c in drawn], f"w = {spec.guidance_scale:g}")
     else:
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
@@ -2670,14 +2641,7 @@ def run_sample(args):
     if args.nearest:
         write_nearest(args, cfg, images[:10], out / f"{stem}_nearest.png", device)
     if args.trajectory:
-        rows = min(4, args.num_samples)
-        points = []  # x_t and the predicted x_0 (held in [-1, 1]) at every step: how a sample forms
-        record = lambda step, t, x_t, x0: points.append((t, x_t.cpu(), x0.clamp(-1, 1).cpu()))  # noqa: E731
-        generator = torch.Generator(device=device).manual_seed(derived_seed(job.seed, 0, SAMPLE_BATCH))
-        final = diffusion.sample(model, (rows, 3, cfg.image_size, cfg.image_size), spec, generator=generator,
-                                 classes=None if classes is None else classes[:rows], callback=record)
-        save_trajectory(points, final.cpu(), out / f"{stem}_trajectory.png")
-        print(f"wrote {out / (stem + '_trajectory.png')}")
+        write_trajectory(model, diffusion, job, out / f"{stem}_trajectory.png")
     print(f"wrote {len(images)} images: {out / (stem + '_grid.png')}, {folder}/, {out / (stem + '.npz')}")
 
 
@@ -2726,9 +2690,8 @@ def run_eval(args):
         job = sampling_job(args, ckpt, num_samples)
         cfg = job.cfg
     else:
-        path, step = None, ""
+        path, step, run_dir = None, "", Path(args.eval_npz).parent
         cfg = Config(**{k: getattr(args, k) for k in ("dataset", "image_size") if getattr(args, k) is not None})
-        run_dir = Path(args.eval_npz).parent
     extractor = build_fid_inception(args.fid_weights or None, device)  # fails fast without pytorch-fid
     if args.eval_npz:
         images = load_npz_images(args.eval_npz)
@@ -2763,14 +2726,10 @@ def parse_bool(text):
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def parse_int_tuple(text):
-    return tuple(int(p) for p in str(text).replace(",", " ").split())
-
-
 def field_parser(f):
     """The function turning a flag's (or the menu's) text into this field's value."""
-    kind = type(f.default)
-    return {bool: parse_bool, tuple: parse_int_tuple, int: int, float: float}.get(kind, str)
+    int_tuple = lambda text: tuple(int(p) for p in str(text).replace(",", " ").split())  # noqa: E731
+    return {bool: parse_bool, tuple: int_tuple, int: int, float: float}.get(type(f.default), str)
 
 
 def _typed(parse, name):
@@ -2807,15 +2766,13 @@ def build_parser():
         elif f.type is bool:
             train.add_argument(*flags, dest=f.name, nargs="?", const=True, default=None, metavar="true|false",
                                type=_typed(parse_bool, f.name), help=help_text)
-            train.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False,
-                               help=argparse.SUPPRESS)
+            train.add_argument(f"--no_{f.name}", dest=f.name, action="store_const", const=False, help=argparse.SUPPRESS)
         else:
             train.add_argument(*flags, dest=f.name, default=None, choices=f.metadata.get("choices"),
                                type=_typed(field_parser(f), f.name), help=help_text)
-    parser.add_argument("--num_gpus", type=int, default=None, metavar="N",
-                        help="run on N GPUs of this machine: relaunches this command under torchrun with "
-                             "DistributedDataParallel (training) or N shards of the samples (sample, eval); "
-                             "with --device cpu, N CPU processes")
+    parser.add_argument("--num_gpus", type=int, default=None, metavar="N", help="run on N GPUs of this machine: "
+                        "relaunches this command under torchrun with DistributedDataParallel (training) or N shards "
+                        "of the samples (sample, eval); with --device cpu, N CPU processes")
     sample = parser.add_argument_group("sampling (--mode sample)")
     evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
     for f in dataclasses.fields(SampleConfig):
@@ -2872,8 +2829,7 @@ def resume_config(resume, explicit):
     print(f"resuming {path} (step {ckpt['step']}, epoch {ckpt['epoch']})")
     # The checkpoint's folder is the run: keep writing there even if it was moved or renamed.
     cfg = dataclasses.replace(saved, **explicit)
-    cfg = dataclasses.replace(cfg, checkpoint_dir=str(path.parent.parent), run_name=path.parent.name)
-    return cfg, ckpt
+    return dataclasses.replace(cfg, checkpoint_dir=str(path.parent.parent), run_name=path.parent.name), ckpt
 
 
 def init_from_architecture(explicit):
@@ -2885,8 +2841,6 @@ def init_from_architecture(explicit):
             raise UserError(f"--{name} {_show(explicit[name])} conflicts with --init_from {path} "
                             f"({name}={_show(getattr(source, name))}); the model and schedule come from it")
     return {name: getattr(source, name) for name in ARCHITECTURE_FIELDS}
-
-
 
 
 def ask_until_valid(prompt, parse, ask):
@@ -2908,10 +2862,8 @@ def interactive_config(explicit, ask=input):
     default_index = names.index(DEFAULT_PRESET) + 1
 
     def parse_choice(answer):
-        if answer == "":
-            return DEFAULT_PRESET
-        if answer in PRESETS:
-            return answer
+        if answer in PRESETS or not answer:
+            return answer or DEFAULT_PRESET
         if answer.isdigit() and 1 <= int(answer) <= len(names):
             return names[int(answer) - 1]
         raise ValueError(f"choose 1-{len(names)} or a preset name")
@@ -2920,11 +2872,8 @@ def interactive_config(explicit, ask=input):
         f"Choose a preset [1-{len(names)}, Enter = {default_index} {DEFAULT_PRESET}]: ", parse_choice, ask)
     cfg = preset_config(preset, explicit)
     print(f"Settings for {preset} (Enter keeps the value in brackets):")
-    for name in MENU_FIELDS:
-        if name in explicit:
-            continue
-        f = CONFIG_FIELDS[name]
-        current = getattr(cfg, name)
+    for name in [name for name in MENU_FIELDS if name not in explicit]:
+        f, current = CONFIG_FIELDS[name], getattr(cfg, name)
         choices = f.metadata.get("choices")
         hint = f" ({'/'.join(choices)})" if choices else ""
 
@@ -2944,13 +2893,6 @@ def interactive_config(explicit, ask=input):
 
 def _show(value):
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def print_config(cfg):
-    print("Config:")
-    width = max(map(len, CONFIG_FIELDS))
-    for name in CONFIG_FIELDS:
-        print(f"  {name:<{width}} {_show(getattr(cfg, name))}")
 
 
 def resolve_train_config(args):
@@ -2990,10 +2932,8 @@ def launch_processes(args, argv):
             raise UserError(f"--batch_size {cfg.batch_size} must be a multiple of --num_gpus {args.num_gpus}")
         if ckpt is None:
             preset = preset_config(cfg.preset, {})
-            extra = ["--preset", cfg.preset]
-            for name in CONFIG_FIELDS:
-                if getattr(cfg, name) != getattr(preset, name):
-                    extra += [f"--{name}", _show(getattr(cfg, name))]
+            changed = [name for name in CONFIG_FIELDS if getattr(cfg, name) != getattr(preset, name)]
+            extra = ["--preset", cfg.preset, *(arg for n in changed for arg in (f"--{n}", _show(getattr(cfg, n))))]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.num_gpus}",
                str(Path(__file__).resolve()), *argv, *extra]
     print(f"launching {args.num_gpus} processes with torchrun --standalone --nproc_per_node={args.num_gpus}",
@@ -3018,17 +2958,14 @@ def main(argv=None):
             if args.num_gpus > 1 and procs.world == 1:
                 return launch_processes(args, argv)
         if args.mode == "sample":
-            if not args.checkpoint:
-                raise UserError("--mode sample needs --checkpoint PATH (a .pt file, a run folder or a "
-                                "diffusers folder)")
             run_sample(SampleConfig.of(args))
         elif args.mode == "eval":
             run_eval(SampleConfig.of(args))
         else:
             cfg, ckpt = resolve_train_config(args)
-            print_config(cfg)
-            warning = schedule_warning(cfg)
-            if warning:
+            width = max(map(len, CONFIG_FIELDS))
+            print("Config:", *(f"  {name:<{width}} {_show(getattr(cfg, name))}" for name in CONFIG_FIELDS), sep="\n")
+            if warning := schedule_warning(cfg):
                 print(warning, file=sys.stderr)
             last = train(cfg, resume_from=ckpt)
             print(f"done; last checkpoint {last}")
@@ -3050,17 +2987,14 @@ def main(argv=None):
 
 # --- Extras: pictures ------------------------------------------------------------------------------
 
-def save_grid(images, path, nrow=None):
-    """Write a grid PNG of images in [-1, 1]; at most 10 per row keeps 32px images legible."""
-    import torchvision
-    nrow = nrow or min(10, len(images))
-    atomic_write(path, lambda f: torchvision.utils.save_image((images.float().clamp(-1, 1) + 1) / 2, f, nrow=nrow,
-                                                              format="png"))
-
-
-def save_labelled_grid(images, row_names, path, title=""):
-    """A grid PNG of images in [-1, 1], one row per name (len(images) / len(row_names) each), with
-    the names written left of their rows and the title above, so the picture explains itself."""
+def save_grid(images, path, row_names=(), title=""):
+    """A grid PNG of images in [-1, 1], at most 10 per row (legible at 32px); given row_names, one row
+    per name (len(images) / len(row_names) each), with the names written left of their rows and the
+    title above, so the picture explains itself."""
+    if not row_names:
+        import torchvision
+        grid, nrow = (images.float().clamp(-1, 1) + 1) / 2, min(10, len(images))
+        return atomic_write(path, lambda f: torchvision.utils.save_image(grid, f, nrow=nrow, format="png"))
     from PIL import Image, ImageDraw
     per_row, size = len(images) // len(row_names), images.shape[-1]
     pixels = to_uint8(images.float())
@@ -3093,9 +3027,8 @@ def save_trajectory(points, final, path, columns=10):
             for k, images in enumerate((x_t, x0)):
                 tile = Image.fromarray(to_uint8(images[r:r + 1].float())[0])
                 canvas.paste(tile, (left, top + (2 * r + k) * (size + gap)))
-    for r in range(len(final)):
-        draw.text((2, top + 2 * r * (size + gap) + size // 2 - 5), "x_t", fill="black")
-        draw.text((2, top + (2 * r + 1) * (size + gap) + size // 2 - 5), "x0^", fill="black")
+    for row, label in enumerate(["x_t", "x0^"] * len(final)):
+        draw.text((2, top + row * (size + gap) + size // 2 - 5), label, fill="black")
     atomic_write(path, lambda f: canvas.save(f, format="png"))
 
 
@@ -3103,8 +3036,7 @@ def save_nearest_picture(samples, train, indices, path, title):
     """Each sample (a row) beside its nearest training images, nearest first, under a title."""
     from PIL import Image, ImageDraw
     size, gap, top = samples.shape[1], 2, 14
-    canvas = Image.new("RGB", ((indices.shape[1] + 1) * (size + gap) + 6, top + len(samples) * (size + gap)),
-                       "white")
+    canvas = Image.new("RGB", ((indices.shape[1] + 1) * (size + gap) + 6, top + len(samples) * (size + gap)), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), title, fill="black")
     for r, (sample, row) in enumerate(zip(samples, indices)):
@@ -3173,15 +3105,13 @@ def build_fid_inception(weights_path=None, device="cpu"):
                         "pip install pytorch-fid") from None
     # As pytorch_fid.inception.fid_inception_v3, which we cannot call: it always downloads.
     net = torchvision.models.inception_v3(num_classes=1008, aux_logits=False, weights=None, init_weights=False)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE_1(1280)
-    net.Mixed_7c = FIDInceptionE_2(2048)
+    blocks = dict(Mixed_5b=FIDInceptionA(192, pool_features=32), Mixed_5c=FIDInceptionA(256, pool_features=64),
+                  Mixed_5d=FIDInceptionA(288, pool_features=64), Mixed_6b=FIDInceptionC(768, channels_7x7=128),
+                  Mixed_6c=FIDInceptionC(768, channels_7x7=160), Mixed_6d=FIDInceptionC(768, channels_7x7=160),
+                  Mixed_6e=FIDInceptionC(768, channels_7x7=192), Mixed_7b=FIDInceptionE_1(1280),
+                  Mixed_7c=FIDInceptionE_2(2048))
+    for name, block in blocks.items():
+        setattr(net, name, block)
     try:
         net.load_state_dict(load_fid_weights(weights_path))
     except (RuntimeError, TypeError) as e:  # other keys or shapes; not a dict at all
@@ -3193,10 +3123,8 @@ def build_fid_inception(weights_path=None, device="cpu"):
 
 @torch.no_grad()
 def compute_activations(images, extractor, batch_size=100, device="cpu", progress=True):
-    """Features of uint8 images (N, H, W, 3) (numpy or torch) as float32 numpy (N, D).
-
-    extractor maps float (B, 3, H, W) in [0, 1] to (B, D); it runs in eval mode, without gradients.
-    """
+    """Features of uint8 images (N, H, W, 3) (numpy or torch) as float32 numpy (N, D). extractor maps
+    float (B, 3, H, W) in [0, 1] to (B, D); it runs in eval mode, without gradients."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
@@ -3257,8 +3185,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
     Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2), a
     symmetric PSD matrix similar to S1 S2: exact for singular covariances (fewer samples than
-    dimensions) where scipy.linalg.sqrtm, which pytorch-fid uses, can return complex noise.
-    """
+    dimensions) where scipy.linalg.sqrtm, which pytorch-fid uses, can return complex noise."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if not (mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2):
@@ -3353,8 +3280,7 @@ def reference_statistics(images, extractor, cache_path, batch_size=100, device="
     these very images (same pixels, same N), else computed and saved there atomically.
 
     Keeps a fixed random min(kid_features, N) of the activations for KID (10,000 x 2048 float32
-    is 80 MB on disk); sigma is 32 MB at D = 2048.
-    """
+    is 80 MB on disk); sigma is 32 MB at D = 2048."""
     n, fingerprint = len(images), images_fingerprint(images)
     num_features = min(kid_features, n)
     cached = _read_reference_cache(cache_path, n, fingerprint, num_features)
@@ -3395,14 +3321,12 @@ def evaluate_fid(images, reference, reference_name, extractor, run_dir, info, de
     """FID and KID of uint8 images (N, H, W, 3) against a reference set whose Inception statistics
     are cached beside the run folder, in fid_stats/ (keyed by name and size); appends a row to the
     run's fid_log.csv. Returns the scores."""
-    log_path = Path(run_dir) / "fid_log.csv"
     cache = Path(run_dir).parent / "fid_stats" / reference_cache_name(reference_name, len(reference))
     stats = reference_statistics(reference, extractor, cache, batch_size, device)
     scores = fid_kid(images, stats, extractor, batch_size, device)
-    row = dict(info, time=time.strftime("%Y-%m-%dT%H:%M:%S"), num_samples=len(images), reference=reference_name,
-               reference_n=stats.n, fid=f"{scores['fid']:.4f}", kid=f"{scores['kid']:.6f}",
-               kid_std=f"{scores['kid_std']:.6f}")
-    append_csv_row(log_path, FID_LOG_COLUMNS, row)
+    append_csv_row(Path(run_dir) / "fid_log.csv", FID_LOG_COLUMNS, dict(
+        info, num_samples=len(images), reference=reference_name, reference_n=stats.n, fid=f"{scores['fid']:.4f}",
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"), kid=f"{scores['kid']:.6f}", kid_std=f"{scores['kid_std']:.6f}"))
     return dict(scores, reference_n=stats.n)
 
 
@@ -3438,9 +3362,8 @@ class FidDuringTraining:
     def __call__(self, ema_model, diffusion, step):
         images = self.job.draw(ema_model, diffusion)
         info = self.job.fid_info(ema_model, checkpoint="(training)", step=step, source="ema")
-        scores = evaluate_fid(images, self.reference, self.reference_name, self.extractor, self.paths.checkpoints,
-                              info, self.device)
-        return scores["fid"]
+        return evaluate_fid(images, self.reference, self.reference_name, self.extractor, self.paths.checkpoints,
+                            info, self.device)["fid"]
 
 
 # --- Extras: safetensors files and diffusers folders (the paper's published weights in, ours out) ----
@@ -3477,9 +3400,8 @@ def read_safetensors(path):
     except Exception as e:
         raise UserError(f"{path} is not a readable train_ddpm.py .safetensors file "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
-    return dict(model=tensors, config=config, step=int(metadata.get("step", 0)),
-                epoch=int(metadata.get("epoch", 0)), weights_only=True,
-                class_names=json.loads(metadata.get("class_names", "[]")))
+    return dict(model=tensors, config=config, step=int(metadata.get("step", 0)), epoch=int(metadata.get("epoch", 0)),
+                weights_only=True, class_names=json.loads(metadata.get("class_names", "[]")))
 
 
 # google/ddpm-cifar10-32, the port of the paper's TensorFlow checkpoint that diffusers users have, is
@@ -3549,7 +3471,6 @@ def diffusers_name_table(cfg):
 
 
 def state_to_diffusers(state, cfg):
-    """Our UNet state dict -> UNet2DModel's."""
     out = {}
     for ours, theirs, linear in diffusers_name_table(cfg):
         for param in ("weight", "bias"):
@@ -3593,49 +3514,46 @@ def config_from_diffusers(unet, scheduler, where):
     UNet or schedule cannot reproduce exactly is refused with one line naming the key."""
     unet = {**UNET2D_DEFAULTS, **unet}
 
-    def refuse(key, value, need):
-        raise UserError(f"{where}: {key}={json.dumps(value)} cannot be reproduced here ({need})")
+    def refuse_if(bad, key, value, need):
+        if bad:
+            raise UserError(f"{where}: {key}={json.dumps(value)} cannot be reproduced here ({need})")
 
     for key, want in UNET2D_REQUIRED.items():
-        if unet[key] != want:
-            refuse(key, unet[key], f"only {json.dumps(want)} is supported")
+        refuse_if(unet[key] != want, key, unet[key], f"only {json.dumps(want)} is supported")
     widths, base = list(unet["block_out_channels"]), unet["block_out_channels"][0]
-    if any(w % base for w in widths):
-        refuse("block_out_channels", widths, "every width must be a multiple of the first")
+    refuse_if(any(w % base for w in widths),
+              "block_out_channels", widths, "every width must be a multiple of the first")
     groups = unet["norm_num_groups"]
-    if any(w % groups for w in widths):
-        refuse("norm_num_groups", groups, "it must divide every width")
+    refuse_if(any(w % groups for w in widths), "norm_num_groups", groups, "it must divide every width")
     down, up = list(unet["down_block_types"]), list(unet["up_block_types"])
-    if len(down) != len(widths) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down):
-        refuse("down_block_types", down, "DownBlock2D or AttnDownBlock2D, one per width")
-    if [b.replace("Up", "Down") for b in reversed(up)] != down:
-        refuse("up_block_types", up, "the mirror image of down_block_types: UpBlock2D or AttnUpBlock2D")
+    refuse_if(len(down) != len(widths) or any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down),
+              "down_block_types", down, "DownBlock2D or AttnDownBlock2D, one per width")
+    refuse_if([b.replace("Up", "Down") for b in reversed(up)] != down,
+              "up_block_types", up, "the mirror image of down_block_types: UpBlock2D or AttnUpBlock2D")
     size = unet["sample_size"]
     size = size[0] if isinstance(size, (list, tuple)) and len(set(size)) == 1 else size
-    if not isinstance(size, int):
-        refuse("sample_size", size, "one square size")
+    refuse_if(not isinstance(size, int), "sample_size", size, "one square size")
     attn_levels = [level for level, b in enumerate(down) if b.startswith("Attn")]
-    if attn_levels and not unet["add_attention"]:
-        refuse("add_attention", False, "attention in the blocks needs it in the middle block too")
+    refuse_if(attn_levels and not unet["add_attention"],
+              "add_attention", False, "attention in the blocks needs it in the middle block too")
     attention_widths = [widths[level] for level in attn_levels] + ([widths[-1]] if unet["add_attention"] else [])
-    if unet["attention_head_dim"] is not None and any(w != unet["attention_head_dim"] for w in attention_widths):
-        refuse("attention_head_dim", unet["attention_head_dim"], "single-head attention: null or the attention width")
-    if unet["attn_norm_num_groups"] not in (None, unet["norm_num_groups"]):
-        refuse("attn_norm_num_groups", unet["attn_norm_num_groups"], "the same groups as norm_num_groups")
-    if unet["downsample_padding"] not in (0, 1):
-        refuse("downsample_padding", unet["downsample_padding"], "0 (TensorFlow SAME) or 1")
+    refuse_if(unet["attention_head_dim"] is not None and any(w != unet["attention_head_dim"] for w in attention_widths),
+              "attention_head_dim", unet["attention_head_dim"], "single-head attention: null or the attention width")
+    refuse_if(unet["attn_norm_num_groups"] not in (None, unet["norm_num_groups"]),
+              "attn_norm_num_groups", unet["attn_norm_num_groups"], "the same groups as norm_num_groups")
+    refuse_if(unet["downsample_padding"] not in (0, 1), "downsample_padding", unet["downsample_padding"],
+              "0 (TensorFlow SAME) or 1")
 
     scheduler = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
                  "trained_betas": None, "prediction_type": "epsilon", "variance_type": "fixed_small", **scheduler}
     schedules = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-    if scheduler["beta_schedule"] not in schedules or scheduler["trained_betas"]:
-        refuse("beta_schedule", scheduler["beta_schedule"], "linear or squaredcos_cap_v2, no trained_betas")
-    if scheduler["prediction_type"] != "epsilon":
-        refuse("prediction_type", scheduler["prediction_type"], "the model must predict the noise: epsilon")
-    if str(scheduler["variance_type"]).startswith("learned"):
-        refuse("variance_type", scheduler["variance_type"], "learned variances need a second output")
-    if scheduler.get("rescale_betas_zero_snr"):
-        refuse("rescale_betas_zero_snr", True, "only the plain schedules")
+    refuse_if(scheduler["beta_schedule"] not in schedules or scheduler["trained_betas"],
+              "beta_schedule", scheduler["beta_schedule"], "linear or squaredcos_cap_v2, no trained_betas")
+    refuse_if(scheduler["prediction_type"] != "epsilon",
+              "prediction_type", scheduler["prediction_type"], "the model must predict the noise: epsilon")
+    refuse_if(str(scheduler["variance_type"]).startswith("learned"),
+              "variance_type", scheduler["variance_type"], "learned variances need a second output")
+    refuse_if(scheduler.get("rescale_betas_zero_snr"), "rescale_betas_zero_snr", True, "only the plain schedules")
     return Config(image_size=size, base_channels=base, channel_mults=tuple(w // base for w in widths),
                   num_res_blocks=unet["layers_per_block"], use_attention=bool(unet["add_attention"]),
                   attn_resolutions=tuple(size // 2 ** level for level in attn_levels),
@@ -3644,7 +3562,7 @@ def config_from_diffusers(unet, scheduler, where):
                   downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
                   timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
                   beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
-                  clip_x0=clip_from_diffusers(scheduler, refuse), run_name=Path(where).resolve().name)
+                  clip_x0=clip_from_diffusers(scheduler, refuse_if), run_name=Path(where).resolve().name)
 
 
 def diffusers_unet_folder(path):
@@ -3702,8 +3620,7 @@ def diffusers_configs(cfg):
     if cfg.schedule_type == "cosine" and cfg.cosine_s != 0.008:
         raise UserError(f"cannot export to diffusers: its squaredcos_cap_v2 schedule has s = 0.008, "
                         f"not --cosine_s {cfg.cosine_s:g}")
-    levels = range(len(widths))
-    attn = [cfg.use_attention and cfg.image_size // 2 ** level in cfg.attn_resolutions for level in levels]
+    attn = [cfg.use_attention and cfg.image_size // 2 ** level in cfg.attn_resolutions for level in range(len(widths))]
     unet = dict(_class_name="UNet2DModel", _diffusers_version=DIFFUSERS_VERSION, sample_size=cfg.image_size,
                 **UNET2D_REQUIRED, time_embedding_dim=cfg.emb_dim, block_out_channels=widths,
                 down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
@@ -3730,21 +3647,21 @@ DIFFUSERS_CLIP = {
 }
 
 
-def clip_from_diffusers(scheduler, refuse):
-    """The --clip_x0 of a diffusers scheduler config (which clips by default); refuse(key, value, need)
-    for a rule ours cannot reproduce."""
-    if scheduler.get("clip_sample", True) and scheduler.get("clip_sample_range", 1.0) != 1.0:
-        refuse("clip_sample_range", scheduler["clip_sample_range"], "clipping to [-1, 1] only")
+def clip_from_diffusers(scheduler, refuse_if):
+    """The --clip_x0 of a diffusers scheduler config (which clips by default); refuse_if(bad, key, value,
+    need) for a rule ours cannot reproduce."""
+    refuse_if(scheduler.get("clip_sample", True) and scheduler.get("clip_sample_range", 1.0) != 1.0,
+              "clip_sample_range", scheduler.get("clip_sample_range"), "clipping to [-1, 1] only")
     if not scheduler.get("thresholding"):
         return "static" if scheduler.get("clip_sample", True) else "none"
     cap = scheduler.get("sample_max_value", 1.0)
     if cap <= 1:
         return "static"  # s held at 1: thresholding is clipping
-    if cap < DIFFUSERS_CLIP["dynamic"]["sample_max_value"]:
-        refuse("sample_max_value", cap, f"1 (clipping) or at least {DIFFUSERS_CLIP['dynamic']['sample_max_value']:g} "
-                                        f"(dynamic thresholding without a cap)")
-    if scheduler.get("dynamic_thresholding_ratio", 0.995) != DYNAMIC_PERCENTILE:
-        refuse("dynamic_thresholding_ratio", scheduler["dynamic_thresholding_ratio"], f"only {DYNAMIC_PERCENTILE}")
+    refuse_if(cap < DIFFUSERS_CLIP["dynamic"]["sample_max_value"], "sample_max_value", cap,
+              f"1 (clipping) or at least {DIFFUSERS_CLIP['dynamic']['sample_max_value']:g} (dynamic thresholding "
+              f"without a cap)")
+    refuse_if(scheduler.get("dynamic_thresholding_ratio", 0.995) != DYNAMIC_PERCENTILE, "dynamic_thresholding_ratio",
+              scheduler.get("dynamic_thresholding_ratio"), f"only {DYNAMIC_PERCENTILE}")
     return "dynamic"
 
 
@@ -3754,7 +3671,6 @@ def export_diffusers(ckpt, folder, use_ema=True):
     cfg = config_from_dict(ckpt["config"])
     unet, scheduler = diffusers_configs(cfg)
     safetensors = _safetensors()
-    source = sampling_source(ckpt, use_ema)
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
@@ -3765,7 +3681,7 @@ def export_diffusers(ckpt, folder, use_ema=True):
         for path, content in ((tmp / "model_index.json", index), (tmp / "unet" / "config.json", unet),
                               (tmp / "scheduler" / "scheduler_config.json", scheduler)):
             path.write_text(json.dumps(content, indent=2) + "\n")
-        tensors = state_to_diffusers(ckpt[source], cfg)
+        tensors = state_to_diffusers(ckpt[sampling_source(ckpt, use_ema)], cfg)
         (tmp / "unet" / DIFFUSERS_WEIGHTS[0]).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
         os.replace(tmp, folder)  # the whole folder appears at once (an empty one in its place is replaced)
     finally:
