@@ -284,7 +284,7 @@ def main():
         global BASELINE
         import importlib.util
         spec = importlib.util.spec_from_file_location("train_ddpm_baseline", args.baseline)
-        BASELINE = importlib.util.module_from_spec(spec)
+        BASELINE = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up there
         spec.loader.exec_module(BASELINE)
     unknown = [k for k in keys if k not in ROWS]
     if unknown:
