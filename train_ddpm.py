@@ -2464,6 +2464,11 @@ class SampleConfig:
     def of(cls, args):
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
+    def load(self, ckpt, device):
+        """(model, diffusion) of a checkpoint read: its EMA weights unless --no_ema, --amp and --channels_last."""
+        amp, layout = self.amp or "auto", self.channels_last or "auto"
+        return model_from_checkpoint(ckpt, not self.no_ema, device, amp, layout)[:2]
+
 
 def unique_stem(folder, stem):
     """stem, or stem_2, stem_3, ... so earlier samples are never overwritten."""
@@ -2610,8 +2615,7 @@ def run_sample(args):
     if args.out:
         check_writable_folder(args.out, "--out")
     device, procs = init_processes(args.device or "auto")
-    model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, args.amp or "auto",
-                                                args.channels_last or "auto")
+    model, diffusion = args.load(ckpt, device)
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
           f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters")
@@ -2697,8 +2701,7 @@ def run_eval(args):
         images = load_npz_images(args.eval_npz)
         info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
     else:
-        model, diffusion, _ = model_from_checkpoint(ckpt, not args.no_ema, device, args.amp or "auto",
-                                                    args.channels_last or "auto")
+        model, diffusion = args.load(ckpt, device)
         images = job.draw(model, diffusion, procs)
         info = job.fid_info(model, checkpoint=path, step=step, source=sampling_weights(ckpt, not args.no_ema))
     if not procs.main:
