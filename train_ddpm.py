@@ -137,6 +137,12 @@ class Config:
     min_lr: float = _field(1e-6, "lowest learning rate of the cosine schedule")
     grad_clip: float = _field(0.5, "clip gradients to this global norm (0 = no clipping)", menu=8)
     ema_decay: float = _field(0.9999, "EMA decay of the weights used for previews and sampling")
+    ema_profiles: tuple = _field((), "also track power-function EMAs of these relative lengths sigma_rel "
+                                     "(EDM2), e.g. 0.05,0.10, and save them every --ema_snapshot_every images, so "
+                                     "that --mode sample and eval can reconstruct the EMA of any --ema_length "
+                                     "after training", item=float)
+    ema_snapshot_every: int = _field(0, "with --ema_profiles: write the profiles (fp16) to <run>/ema_snapshots/ "
+                                        "every this many training images", resume=True)
     batch_size: int = _field(128, "images per optimizer step", menu=1)
     epochs: int = _field(500, "passes over the training set", resume=True, menu=0)
     max_steps: int = _field(0, "stop after this many optimizer steps in total (0 = no limit)", resume=True)
@@ -321,6 +327,11 @@ def validate_config(cfg):
         (0 <= cfg.min_lr < cfg.learning_rate, "--min_lr must be >= 0 and below --learning_rate"),
         (cfg.grad_clip >= 0, "--grad_clip must be >= 0 (0 turns clipping off)"),
         (0.0 <= cfg.ema_decay < 1.0, "--ema_decay must be in [0, 1)"),
+        (all(0 < s < MAX_SIGMA_REL for s in cfg.ema_profiles) and len(set(cfg.ema_profiles)) == len(cfg.ema_profiles),
+         f"--ema_profiles takes distinct lengths sigma_rel in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05,0.10"),
+        (cfg.ema_snapshot_every >= 0, "--ema_snapshot_every must be >= 0 images"),
+        (not cfg.ema_profiles or cfg.ema_snapshot_every > 0,
+         "--ema_profiles needs --ema_snapshot_every IMAGES, how often to save them (e.g. 50000, an epoch of CIFAR-10)"),
         (cfg.batch_size >= 1, "--batch_size must be at least 1"),
         (cfg.grad_accum >= 1 and cfg.batch_size % cfg.grad_accum == 0,
          f"--grad_accum must divide --batch_size {cfg.batch_size} into equal micro-batches (got {cfg.grad_accum})"),
@@ -1354,6 +1365,45 @@ class EMA:
         torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1.0 - self.decay_at(step))
 
 
+MAX_SIGMA_REL = 12 ** -0.5  # the length of the power EMA with gamma = 0, a plain average of all weights
+
+
+def power_ema_exponent(sigma_rel):
+    """EDM2's gamma of a power-function EMA of relative length sigma_rel (Karras et al. 2024, Eq. 3):
+    the largest real root of gamma^3 + 7 gamma^2 + (16 - sigma_rel^-2) gamma + (12 - sigma_rel^-2)."""
+    c = sigma_rel ** -2
+    return float(max(r.real for r in np.roots([1, 7, 16 - c, 12 - c]) if abs(r.imag) < 1e-9))
+
+
+class PowerEMA:
+    """Power-function EMAs of the weights (Karras et al. 2024, "Analyzing and improving the training
+    dynamics of diffusion models", Sec. 3.1): after update t (t = 1, 2, ...) each profile is
+    beta_t * itself + (1 - beta_t) * weights, beta_t = (1 - 1/t)^(gamma + 1), which weighs the weights
+    of update tau by tau^(gamma+1) - (tau-1)^(gamma+1): an average whose length grows with training,
+    a fixed fraction sigma_rel of it. Their snapshots let --ema_length rebuild any other length."""
+
+    def __init__(self, model, sigma_rels):
+        self.sigma_rels = tuple(sigma_rels)
+        self.gammas = [power_ema_exponent(s) for s in self.sigma_rels]
+        self.models = [copy.deepcopy(model).eval().requires_grad_(False) for _ in self.sigma_rels]
+
+    @torch.no_grad()
+    def update(self, model, step):
+        """Average in the weights after update step + 1 (the state's step before it counts this one)."""
+        t, weights = step + 1, list(model.parameters())
+        for ema, gamma in zip(self.models, self.gammas):
+            torch._foreach_lerp_(list(ema.parameters()), weights, 1.0 - (1.0 - 1.0 / t) ** (gamma + 1))
+
+    def state_dict(self, dtype=None):
+        cast = (lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v)  # noqa: E731
+        return {"sigma_rels": list(self.sigma_rels),
+                "models": [{k: cast(v) for k, v in ema.state_dict().items()} for ema in self.models]}
+
+    def load_state_dict(self, saved):
+        for ema, weights in zip(self.models, saved["models"]):
+            ema.load_state_dict(weights)
+
+
 class LRSchedule:
     """Linear warmup over warmup_steps, then a constant LR (the paper), PyTorch's
     CosineAnnealingWarmRestarts stepped every iteration with the fractional epoch since warmup, or
@@ -1691,6 +1741,7 @@ class TrainState:
     scaler: torch.amp.GradScaler
     meter: "Meter"
     class_names: tuple = ()   # a class-conditional run's classes, in label order; empty when unconditional
+    power_ema: Optional[PowerEMA] = None  # --ema_profiles
     num_images: int = 0       # training images: a run resumes on the same data only
     step: int = 0             # optimizer updates done
     elapsed_s: float = 0.0    # training wall time over all sessions
@@ -1707,11 +1758,13 @@ class TrainState:
         scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(cfg.amp, device) == torch.float16)
         lr_schedule = LRSchedule(optimizer, cfg, steps_per_epoch(len(data.images), cfg.batch_size))
         return cls(cfg, model, ema, optimizer, lr_schedule, scaler, Meter(device, cfg.timesteps, procs),
-                   tuple(data.class_names), len(data.images))
+                   tuple(data.class_names), PowerEMA(model, cfg.ema_profiles) if cfg.ema_profiles else None,
+                   len(data.images))
 
     def state_dict(self, epoch):
         """The checkpoint, named after `epoch`; a class-conditional run also stores its class names."""
         return dict(**({"class_names": list(self.class_names)} if self.class_names else {}),
+                    **({"power_ema": self.power_ema.state_dict()} if self.power_ema else {}),
                     format="train_ddpm/2", config=asdict(self.cfg), model=self.model.state_dict(),
                     ema=self.ema.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.lr_schedule.state_dict(), scaler=self.scaler.state_dict(), epoch=epoch,
@@ -1727,6 +1780,8 @@ class TrainState:
                             f"{ckpt.get('num_images')}; resume with the same data")
         self.model.load_state_dict(ckpt["model"])
         self.ema.model.load_state_dict(ckpt["ema"])
+        if self.power_ema:
+            self.power_ema.load_state_dict(ckpt["power_ema"])
         self.optimizer.load_state_dict(with_kernel_of(self.optimizer, ckpt["optimizer"]))
         lay_out_like_params(self.optimizer)
         self.lr_schedule.load_state_dict(ckpt["scheduler"])
@@ -1877,6 +1932,8 @@ def train_loop(run, resumed=False):
                               desc=f"epoch {state.step // run.n_batches + 1}/{cfg.epochs}", disable=not procs.main)
             lr = take_step(run, *next(batches))
             bar.update(1)
+            if procs.main and saver.snapshot_due(state.step):
+                saver.save_ema_snapshot()
             if state.step % cfg.log_every == 0 or state.step == run.total_steps:
                 row = state.meter.row(state.step, lr, cfg.batch_size, run.n_batches, state.session,
                                       end_interval=state.step % cfg.log_every == 0)
@@ -1941,6 +1998,8 @@ def take_step(run, x_start, y):
     grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y), state.optimizer,
                                         state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
     state.ema.update(state.model, state.step)
+    if state.power_ema:
+        state.power_ema.update(state.model, state.step)
     state.step += 1
     state.meter.add(grad_norm, losses, t, bad)
     return lr
@@ -2029,6 +2088,10 @@ class RunPaths:
     @property
     def loss_log(self):
         return self.checkpoints / "loss_log.csv"
+
+    @property
+    def ema_snapshots(self):
+        return self.checkpoints / "ema_snapshots"
 
 
 def refuse_existing_run(paths):
@@ -2131,6 +2194,23 @@ class Saver:
         by_steps = self.cfg.save_every_steps and step % self.cfg.save_every_steps == 0
         by_time = self.cfg.save_every_minutes and time.monotonic() - self.last_time >= 60 * self.cfg.save_every_minutes
         return bool(by_steps or by_time)
+
+    def snapshot_due(self, step):
+        """--ema_snapshot_every: this step's images crossed a multiple of it."""
+        every, batch = self.cfg.ema_snapshot_every, self.cfg.batch_size
+        return bool(self.state.power_ema) and step * batch // every > (step - 1) * batch // every
+
+    def save_ema_snapshot(self):
+        """The power EMAs now, in fp16, as <run>/ema_snapshots/ema_step<step>.pt: what --ema_length is
+        rebuilt from. Never pruned; a resumed run writes the same files again, bit for bit."""
+        start, state = time.perf_counter(), self.state
+        path = self.paths.ema_snapshots / f"ema_step{state.step:09d}.pt"
+        try:
+            path.parent.mkdir(exist_ok=True)
+            atomic_torch_save({"step": state.step, **state.power_ema.state_dict(torch.float16)}, path)
+        except OSError as e:
+            tqdm.write(f"warning: could not save the EMA snapshot {path} ({e.strerror or e})", file=sys.stderr)
+        self.state.meter.pause(time.perf_counter() - start)
 
     def save(self, epoch, name=None):
         start = time.perf_counter()
@@ -2375,9 +2455,10 @@ def sampling_source(ckpt, use_ema=True):
 
 
 def sampling_weights(ckpt, use_ema=True):
-    """Those weights in words: "ema", "raw", or "stored" for the one set of an export or diffusers folder."""
+    """Those weights in words: "ema" (or the power EMA --ema_length rebuilt), "raw", or "stored" for the
+    one set of an export or diffusers folder."""
     if sampling_source(ckpt, use_ema) == "ema":
-        return "ema"
+        return ckpt.get("ema_name", "ema")
     return "raw" if "ema" in ckpt or "optimizer" in ckpt else "stored"
 
 
@@ -2399,6 +2480,73 @@ def model_from_checkpoint(ckpt, use_ema=True, device="cpu", amp="auto", channels
     caller = Precision(model, device, autocast_dtype(amp, device), layout)
     caller.class_names = tuple(ckpt.get("class_names") or ())  # a class-conditional model's labels, in order
     return caller, build_diffusion(cfg).to(device), cfg
+
+
+def profile_products(t_a, gamma_a, t_b, gamma_b):
+    """Inner products <p_a, p_b> of power-EMA profiles p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on
+    [0, t] (EDM2, App. C.2), broadcast over arrays. Exact for the EMAs PowerEMA tracks: their weight of
+    update tau is this profile's integral over [tau - 1, tau]."""
+    t_lo, t_hi = np.minimum(t_a, t_b), np.maximum(t_a, t_b)
+    gamma_hi = np.where(t_a <= t_b, gamma_b, gamma_a)
+    return (gamma_a + 1) * (gamma_b + 1) * (t_lo / t_hi) ** gamma_hi / ((gamma_a + gamma_b + 1) * t_hi)
+
+
+def posthoc_coefficients(basis, target):
+    """EDM2's post-hoc EMA (Karras et al. 2024, App. C.2): the least-squares x with sum_i x_i p_i closest
+    (in L2) to the target profile, for basis and target (t, gamma) pairs; and the fit's relative error."""
+    t, gamma = (np.asarray(v, dtype=np.float64) for v in zip(*basis))
+    t_out, gamma_out = target
+    a = profile_products(t[:, None], gamma[:, None], t[None, :], gamma[None, :])
+    b = profile_products(t, gamma, t_out, gamma_out)
+    x = np.linalg.lstsq(a, b, rcond=None)[0]
+    c = profile_products(t_out, gamma_out, t_out, gamma_out)
+    return x, math.sqrt(max(x @ a @ x - 2 * x @ b + c, 0.0) / c)
+
+
+def ema_snapshots(folder, before_step):
+    """{step: path} of a run's EMA snapshots taken before `before_step`."""
+    found = (re.fullmatch(r"ema_step(\d+)\.pt", p.name) for p in Path(folder).glob("ema_step*.pt"))
+    return {int(m[1]): Path(folder) / m[0] for m in found if m and int(m[1]) < before_step}
+
+
+def posthoc_ema(ckpt, run_dir, sigma_rel):
+    """The checkpoint with its "ema" replaced by the power EMA of length sigma_rel at the checkpoint's
+    step, rebuilt from the run's snapshots and the checkpoint's own profiles (--ema_length)."""
+    saved = ckpt.get("power_ema")
+    if not saved:
+        raise UserError("--ema_length needs a checkpoint of a run trained with --ema_profiles; this one tracked "
+                        "only its --ema_decay EMA (sample without --ema_length)")
+    if not 0 < sigma_rel < MAX_SIGMA_REL:
+        raise UserError(f"--ema_length must be in (0, {MAX_SIGMA_REL:.4f}), e.g. 0.05 or 0.10")
+    sigma_rels, step = saved["sigma_rels"], ckpt["step"]
+    gammas = [power_ema_exponent(s) for s in sigma_rels]
+    snapshots = ema_snapshots(Path(run_dir) / "ema_snapshots", step)
+    sources = [(t, path) for t, path in sorted(snapshots.items())] + [(step, None)]
+    coefficients, error = posthoc_coefficients([(t, g) for t, _ in sources for g in gammas],
+                                               (step, power_ema_exponent(sigma_rel)))
+    ema = {k: torch.zeros_like(v, dtype=torch.float32) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    for k, (t, path) in enumerate(sources):
+        models = saved["models"] if path is None else _read_snapshot(path, sigma_rels)
+        for weight, model in zip(coefficients[k * len(gammas):(k + 1) * len(gammas)], models):
+            for name, value in model.items():
+                if value.is_floating_point():
+                    ema[name].add_(value.float(), alpha=float(weight))
+    ema = {k: v.to(ckpt["ema"][k].dtype) for k, v in ema.items()}
+    print(f"power EMA sigma_rel {sigma_rel:g} at step {step:,}: rebuilt from {len(snapshots)} snapshots and the "
+          f"checkpoint's profiles {', '.join(f'{s:g}' for s in sigma_rels)} (profile fit error {error:.1%})")
+    return {**ckpt, "ema": ema, "ema_name": f"power EMA {sigma_rel:g}"}
+
+
+def _read_snapshot(path, sigma_rels):
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"EMA snapshot {path} is unreadable ({_load_failure_reason(e)}); move it away to rebuild "
+                        f"--ema_length from the others") from None
+    if snapshot.get("sigma_rels") != list(sigma_rels):
+        raise UserError(f"EMA snapshot {path} holds the profiles {snapshot.get('sigma_rels')}, not the "
+                        f"checkpoint's {list(sigma_rels)}: it belongs to another run")
+    return snapshot["models"]
 
 
 def check_writable_folder(folder, flag):
@@ -2430,6 +2578,9 @@ class SampleConfig:
     var_type: str = _field("fixedlarge", "DDPM reverse variance: beta_t (paper's CIFAR-10 choice) or the posterior's",
                            choices=VAR_TYPES)
     no_ema: bool = _field(False, "sample with the raw weights instead of the EMA")
+    ema_length: float = _field(None, "sample with the power EMA of this relative length, rebuilt from the "
+                                     "snapshots of a run trained with --ema_profiles (EDM2's post-hoc EMA)",
+                               metavar="SIGMA_REL")
     trajectory: bool = _field(False, "also write <stem>_trajectory.png: for 4 samples, x_t and the predicted x_0 at "
                                      "10 points of the chain, from noise to image")
     nearest: int = _field(None, "also write <stem>_nearest.png: the first 10 samples, each beside its K nearest "
@@ -2463,6 +2614,16 @@ class SampleConfig:
     @classmethod
     def of(cls, args):
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def read(self):
+        """(path, checkpoint dict) of --checkpoint, its EMA rebuilt at --ema_length when given."""
+        path = resolve_checkpoint_path(self.checkpoint)
+        ckpt = read_checkpoint(path)
+        if self.ema_length is None:
+            return path, ckpt
+        if self.no_ema:
+            raise UserError("--ema_length chooses an EMA and --no_ema the raw weights; give one of them")
+        return path, posthoc_ema(ckpt, path.parent, self.ema_length)
 
     def load(self, ckpt, device):
         """(model, diffusion) of a checkpoint read: its EMA weights unless --no_ema, --amp and --channels_last."""
@@ -2604,8 +2765,7 @@ def run_sample(args):
         raise UserError("--num_samples must be at least 1")
     if args.nearest is not None and args.nearest < 1:
         raise UserError("--nearest K needs K >= 1 training images per sample")
-    path = resolve_checkpoint_path(args.checkpoint)
-    ckpt = read_checkpoint(path)
+    path, ckpt = args.read()
     if args.export_safetensors or args.export_diffusers:
         if torchrun_processes().main:
             export_weights(args, ckpt)
@@ -2625,7 +2785,8 @@ def run_sample(args):
         return
     out.mkdir(parents=True, exist_ok=True)
     names = list(ckpt.get("class_names") or ())
-    stem = unique_stem(out, f"samples_{spec.name(job.class_label)}_seed{job.seed}")
+    ema = "" if args.ema_length is None else f"_ema{args.ema_length:g}"
+    stem = unique_stem(out, f"samples_{spec.name(job.class_label)}{ema}_seed{job.seed}")
     np.savez(out / f"{stem}.npz", images)  # arr_0: uint8 (N, H, W, 3)
     folder = out / stem
     folder.mkdir()
@@ -2688,8 +2849,7 @@ def run_eval(args):
         raise UserError("--num_samples must be at least 2 for FID")
     device, procs = init_processes(args.device or "auto")
     if args.checkpoint:
-        path = resolve_checkpoint_path(args.checkpoint)
-        ckpt = read_checkpoint(path)
+        path, ckpt = args.read()
         run_dir, step = path if path.is_dir() else path.parent, ckpt["step"]
         job = sampling_job(args, ckpt, num_samples)
         cfg = job.cfg
@@ -2731,8 +2891,9 @@ def parse_bool(text):
 
 def field_parser(f):
     """The function turning a flag's (or the menu's) text into this field's value."""
-    int_tuple = lambda text: tuple(int(p) for p in str(text).replace(",", " ").split())  # noqa: E731
-    return {bool: parse_bool, tuple: int_tuple, int: int, float: float}.get(type(f.default), str)
+    item = f.metadata.get("item", int)
+    as_tuple = lambda text: tuple(item(p) for p in str(text).replace(",", " ").split())  # noqa: E731
+    return {bool: parse_bool, tuple: as_tuple, int: int, float: float}.get(type(f.default), str)
 
 
 def _typed(parse, name):

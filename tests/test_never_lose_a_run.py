@@ -138,8 +138,10 @@ def test_kill_9_at_twelve_random_moments_always_resumes_to_the_uninterrupted_wei
 # --- 3. Exact resume -----------------------------------------------------------------------------------
 
 def test_n_plus_m_steps_equal_n_steps_then_a_resume_for_m_bit_for_bit(cifar_dir, tmp_path):
-    # Dropout on, and N = 7 lies mid-epoch and off the --log_every 2 grid.
-    flags = [*TINY, "--dropout", "0.1", "--sample_every", "0", "--epochs", "3", "--data_dir", cifar_dir]
+    # Dropout on, and N = 7 lies mid-epoch and off the --log_every 2 grid; power EMAs on, with a snapshot
+    # every 3 steps.
+    flags = [*TINY, "--dropout", "0.1", "--sample_every", "0", "--epochs", "3", "--data_dir", cifar_dir,
+             "--ema_profiles", "0.05,0.1", "--ema_snapshot_every", "48"]
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     assert_ok(run_cli(*flags, "--max_steps", "13", cwd=one))
@@ -149,6 +151,11 @@ def test_n_plus_m_steps_equal_n_steps_then_a_resume_for_m_bit_for_bit(cifar_dir,
     assert a["step"] == b["step"] == 13
     assert same_tensors(a["model"], b["model"]) and same_tensors(a["ema"], b["ema"])
     assert same_tensors(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+    assert all(same_tensors(p, q) for p, q in zip(a["power_ema"]["models"], b["power_ema"]["models"]))
+    snapshots_a, snapshots_b = (sorted((d / "checkpoints" / RUN / "ema_snapshots").iterdir()) for d in (one, two))
+    assert [p.name for p in snapshots_a] == [p.name for p in snapshots_b] == [f"ema_step{s:09d}.pt" for s in (3, 6, 9, 12)]
+    for p, q in zip(snapshots_a, snapshots_b):
+        assert all(same_tensors(x, y) for x, y in zip(load_ckpt(p)["models"], load_ckpt(q)["models"]))
     rows_a, rows_b = (read_loss_log(d / "checkpoints" / RUN / "loss_log.csv") for d in (one, two))
     assert [{k: r[k] for k in LOG_VALUES} for r in rows_a] == [{k: r[k] for k in LOG_VALUES} for r in rows_b]
     assert [(r["step"], r["session"]) for r in rows_b if int(r["step"]) > 6] == [(s, "1") for s in ("8", "10", "12", "13")]
