@@ -93,9 +93,16 @@ class Config:
                                             "--guidance_scale", arch=True)
     class_dropout: float = _field(0.1, "fraction of training labels replaced by 'no class', so one network is both "
                                        "conditional and unconditional (classifier-free guidance)")
-    guidance_scale: float = _field(1.0, "classifier-free guidance w of previews and samples of a class-conditional "
-                                        "model: eps_uncond + w (eps_cond - eps_uncond); 1 = conditional, "
-                                        "0 = unconditional, above 1 stresses the class", resume=True)
+    guidance_scale: float = _field(1.0, "guidance w of previews and samples: with --guide, autoguidance; else, for "
+                                        "a class-conditional model, classifier-free guidance eps_uncond + "
+                                        "w (eps_cond - eps_uncond): 1 = conditional, 0 = unconditional, above 1 "
+                                        "stresses the class", resume=True)
+    guide: str = _field("", "autoguidance of previews and FID during training: a checkpoint (or run folder) of a "
+                            "weaker model of the same task, e.g. an early one of a run like this, and "
+                            "--guidance_scale w: eps_guide + w (eps - eps_guide). --mode sample and eval: --guide "
+                            "guides their samples", resume=True)
+    guide_ema_length: float = _field(0.0, "the guide's power EMA of this length (its run trained with "
+                                          "--ema_profiles); 0 = its --ema_decay EMA", resume=True)
     val_size: int = _field(1000, "images for the validation loss: CIFAR-10's test split, or held out of a "
                                  "folder (at most a tenth of it); 0 = no validation")
     # model: the DDPM UNet (Ho et al. 2020, Appendix B)
@@ -317,6 +324,8 @@ def validate_config(cfg):
         (cfg.norm_min_channels >= 1, "--norm_min_channels must be at least 1"),
         (0 <= cfg.class_dropout < 1, "--class_dropout must be in [0, 1)"),
         (cfg.guidance_scale >= 0, "--guidance_scale must be at least 0"),
+        (0 <= cfg.guide_ema_length < MAX_SIGMA_REL, f"--guide_ema_length must be in [0, {MAX_SIGMA_REL:.4f})"),
+        (cfg.guide or not cfg.guide_ema_length, "--guide_ema_length needs --guide"),
         (cfg.norm_eps > 0, "--norm_eps must be positive"),
         (cfg.cosine_s > 0, "--cosine_s must be positive"),
         (cfg.learning_rate > 0, f"--learning_rate must be positive (got {cfg.learning_rate:g})"),
@@ -1036,14 +1045,20 @@ class GaussianDiffusion(nn.Module):
         prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
         return GaussianDiffusion(1.0 - alphas_cumprod / prev, device=self.betas.device)
 
-    def sample(self, model, shape, spec=None, *, noise=None, generator=None, classes=None, callback=None):
+    def sample(self, model, shape, spec=None, *, noise=None, generator=None, classes=None, guide=None,
+               callback=None):
         """Images (B, C, H, W) drawn as the SamplingSpec says (default: ancestral over all T steps),
         starting from `noise` or from randn(shape) of `generator`; in [-1, 1] unless spec.clip_x0 is
         "none". `model(x_t, t)` predicts the noise; with `classes` ((B,) int64 labels, -1 = no class)
-        it is called as model(x_t, t, y), guided by spec.guidance_scale: the one place guidance is
-        applied. callback(step, t, x_t, x0) sees each model call (see the samplers)."""
+        it is called as model(x_t, t, y). spec.guidance_scale guides it by `guide` (autoguidance, the
+        spec naming the guide) or, without one, by its own unconditional prediction (classifier-free
+        guidance, with classes): the one place guidance is applied. callback(step, t, x_t, x0) sees
+        each model call (see the samplers)."""
         spec = spec or SamplingSpec()
-        predictor = model if classes is None else guided_noise_predictor(model, classes, spec.guidance_scale)
+        if bool(spec.guide) != (guide is not None):
+            raise ValueError("a guide model goes with a spec that names it (SamplingSpec.guide), and only then")
+        predictor = (autoguided_noise_predictor(model, guide, classes, spec.guidance_scale) if guide is not None
+                     else model if classes is None else guided_noise_predictor(model, classes, spec.guidance_scale))
         device = self.betas.device
         x = noise.to(device) if noise is not None else torch.randn(shape, generator=generator, device=device)
         was_training = getattr(model, "training", False)
@@ -1077,6 +1092,22 @@ def guided_noise_predictor(model, classes, scale):
         both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, -1)]))
         eps_cond, eps_uncond = both.chunk(2)
         return eps_uncond + scale * (eps_cond - eps_uncond)
+    return predict
+
+
+def autoguided_noise_predictor(model, guide, classes, scale):
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+    eps = eps_guide + w (eps_main - eps_guide), the guide a weaker model of the same task (smaller,
+    or trained for less). The same as their D_guide + w (D_main - D_guide), as the denoiser is affine
+    in eps with the same coefficients for both. A class-conditional pair both get the labels; w = 1
+    is the main model alone."""
+    labels = (lambda x: ()) if classes is None else (lambda x: (torch.as_tensor(classes).to(x.device),))
+    if scale == 1:
+        return lambda x, t: model(x, t, *labels(x))
+
+    def predict(x, t):
+        eps_main, eps_guide = model(x, t, *labels(x)), guide(x, t, *labels(x))
+        return eps_guide + scale * (eps_main - eps_guide)
     return predict
 
 
@@ -1168,7 +1199,8 @@ class SamplingSpec:
     eta: float = 0.0               # DDIM's noise: 0 deterministic, 1 the DDPM posterior's variance
     var_type: str = "fixedlarge"   # DDPM's reverse variance: beta_t (fixedlarge) or the posterior's (fixedsmall)
     clip_x0: str = "static"        # how each step's predicted x_0 is held in [-1, 1] (see clip_xstart)
-    guidance_scale: float = 1.0    # classifier-free guidance w of a class-conditional model
+    guidance_scale: float = 1.0    # guidance w: autoguidance with a guide, else classifier-free (with classes)
+    guide: str = ""                # autoguidance's guide, by name (the model goes to sample(guide=...))
 
     def __post_init__(self):
         for name, value, allowed in (("sampler", self.sampler, tuple(SAMPLERS)),
@@ -1190,12 +1222,14 @@ class SamplingSpec:
 
     def name(self, classes=""):
         """For file names: sampler and steps, DDIM's eta or DDPM's variance, the spacing when chosen,
-        the clip rule unless static, and the classes drawn with w."""
+        the clip rule unless static, the classes drawn and the guide, with w."""
         name = f"{self.sampler}{self.steps}" + {"ddim": f"_eta{self.eta:g}", "ddpm": f"_{self.var_type}",
                                                 "dpmpp2m": ""}[self.sampler]
         name += f"_{self.spacing}" if self.spacing else ""
         name += f"_clip{self.clip_x0}" if self.clip_x0 != "static" else ""
-        return name + (f"_{classes}_w{self.guidance_scale:g}" if classes else "")
+        name += f"_{classes}" if classes else ""
+        name += f"_guide-{self.guide}" if self.guide else ""
+        return name + (f"_w{self.guidance_scale:g}" if classes or self.guide else "")
 
 
 def clip_xstart(pred_xstart, clip):
@@ -1313,7 +1347,7 @@ def to_uint8(images):
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classes=None, procs=Processes()):
+def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classes=None, procs=Processes(), guide=None):
     """shape[0] images of shape[1:] as uint8 (N, H, W, C), drawn as the SamplingSpec says, batch by
     batch with a progress bar; image i of class classes[i] when classes (N,) are given.
 
@@ -1329,7 +1363,7 @@ def generate_samples(model, diffusion, spec, shape, seed, batch_size=128, classe
             batch = (min(batch_size, num_samples - starts[k]), *shape[1:])
             generator.manual_seed(derived_seed(seed, k, SAMPLE_BATCH))
             labels = None if classes is None else classes[starts[k]:starts[k] + batch[0]]
-            mine[k] = to_uint8(diffusion.sample(model, batch, spec, generator=generator, classes=labels))
+            mine[k] = to_uint8(diffusion.sample(model, batch, spec, generator=generator, classes=labels, guide=guide))
             bar.update(batch[0] * procs.world)  # the others progress alike
     batches = {k: images for part in procs.gather(mine) for k, images in part.items()}
     return np.concatenate([batches[k] for k in range(len(starts))])
@@ -1689,10 +1723,11 @@ def write_preview(run, epoch):
     shape = (cfg.num_preview * max(1, len(names)), 3, cfg.image_size, cfg.image_size)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(run.device)
     classes = torch.arange(len(names)).repeat_interleave(cfg.num_preview) if names else None
-    spec = SamplingSpec("ddim", cfg.preview_steps, clip_x0=cfg.clip_x0, guidance_scale=cfg.guidance_scale)
-    images = run.diffusion.sample(run.ema_forward, shape, spec, noise=noise, classes=classes)
+    spec = SamplingSpec("ddim", cfg.preview_steps, clip_x0=cfg.clip_x0, guidance_scale=cfg.guidance_scale,
+                        guide=run.guide_name)
+    images = run.diffusion.sample(run.ema_forward, shape, spec, noise=noise, classes=classes, guide=run.guide)
     path = run.paths.samples / f"epoch_{epoch:04d}.png"
-    save_grid(images, path, names, title=f"w = {spec.guidance_scale:g}")
+    save_grid(images, path, names, title=guidance_title(spec))
     run.board.image("preview", images, run.state.step)
     tqdm.write(f"preview: {path}")
 
@@ -1910,7 +1945,12 @@ class Run:
         self.ema_forward = Precision(state.ema.model, device, amp_dtype, channels_last)  # previews, evaluation
         self.validator = (Validator(val.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
                           if val is not None and procs.main else None)
-        self.fid = FidDuringTraining(cfg, paths, device, data.class_names) if cfg.fid_every and procs.main else None
+        self.guide, self.guide_name = None, ""
+        if cfg.guide and procs.main:  # previews and FID are rank 0's
+            guide, self.guide_name = read_guide(cfg.guide, cfg.guide_ema_length, cfg, data.class_names)
+            self.guide = model_from_checkpoint(guide, True, device, cfg.amp, cfg.channels_last)[0]
+        self.fid = (FidDuringTraining(cfg, paths, device, data.class_names, self.guide, self.guide_name)
+                    if cfg.fid_every and procs.main else None)
         self.board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
         self.shard = procs.shard(cfg.batch_size)  # this process's images of each global batch
         self.check_every = min(cfg.log_every, cfg.max_bad_steps)  # steps between the stop checks' host syncs (DDP)
@@ -2537,6 +2577,29 @@ def posthoc_ema(ckpt, run_dir, sigma_rel):
     return {**ckpt, "ema": ema, "ema_name": f"power EMA {sigma_rel:g}"}
 
 
+def schedule_text(cfg):
+    betas = (f"betas {cfg.beta_start:g}..{cfg.beta_end:g}" if cfg.schedule_type == "linear" else f"s {cfg.cosine_s:g}")
+    return f"T={cfg.timesteps} {cfg.schedule_type}, {betas}"
+
+
+def read_guide(path, ema_length, cfg, class_names):
+    """(checkpoint dict, name) of an autoguidance guide (--guide, --guide_ema_length), refused in one
+    line unless it denoises the same task as the model it guides: the same image size, noise
+    schedule and classes. Its size and training may differ: a weaker model is the point."""
+    where = resolve_checkpoint_path(path)
+    guide = read_checkpoint(where)
+    guide_cfg, guide_classes = config_from_dict(guide["config"]), list(guide.get("class_names") or ())
+    differences = [f"{what} {theirs} where the model has {ours}" for what, theirs, ours in (
+        ("image size", guide_cfg.image_size, cfg.image_size),
+        ("schedule", schedule_text(guide_cfg), schedule_text(cfg)),
+        ("classes", ", ".join(guide_classes) or "none", ", ".join(class_names) or "none")) if theirs != ours]
+    if differences:
+        raise UserError(f"--guide {path} does not match the model it would guide: it has {'; '.join(differences)}")
+    if ema_length:
+        guide = posthoc_ema(guide, where.parent, ema_length)
+    return guide, where.stem + (f"_ema{ema_length:g}" if ema_length else "")
+
+
 def _read_snapshot(path, sigma_rels):
     try:
         snapshot = torch.load(path, map_location="cpu", weights_only=True)
@@ -2606,6 +2669,8 @@ class SampleConfig:
     channels_last: Optional[str] = None
     clip_x0: Optional[str] = None
     guidance_scale: Optional[float] = None
+    guide: Optional[str] = None
+    guide_ema_length: Optional[float] = None
     data_dir: Optional[str] = None
     fid_weights: Optional[str] = None
     dataset: Optional[str] = None
@@ -2625,10 +2690,22 @@ class SampleConfig:
             raise UserError("--ema_length chooses an EMA and --no_ema the raw weights; give one of them")
         return path, posthoc_ema(ckpt, path.parent, self.ema_length)
 
-    def load(self, ckpt, device):
-        """(model, diffusion) of a checkpoint read: its EMA weights unless --no_ema, --amp and --channels_last."""
+    def read_guide(self, ckpt):
+        """(checkpoint dict, name) of --guide, checked against the model it guides, or (None, "")."""
+        if self.guide_ema_length and not self.guide:
+            raise UserError("--guide_ema_length needs --guide")
+        if not self.guide:
+            return None, ""
+        if self.guide_ema_length is not None and not 0 <= self.guide_ema_length < MAX_SIGMA_REL:
+            raise UserError(f"--guide_ema_length must be in [0, {MAX_SIGMA_REL:.4f})")
+        return read_guide(self.guide, self.guide_ema_length, config_from_dict(ckpt["config"]),
+                          list(ckpt.get("class_names") or ()))
+
+    def load(self, ckpt, device, ema=None):
+        """(model, diffusion) of a checkpoint read: its EMA weights unless --no_ema (or ema=False), --amp
+        and --channels_last."""
         amp, layout = self.amp or "auto", self.channels_last or "auto"
-        return model_from_checkpoint(ckpt, not self.no_ema, device, amp, layout)[:2]
+        return model_from_checkpoint(ckpt, not self.no_ema if ema is None else ema, device, amp, layout)[:2]
 
 
 def unique_stem(folder, stem):
@@ -2643,7 +2720,8 @@ def unique_stem(folder, stem):
 class SamplingJob(NamedTuple):
     """What --mode sample and eval, and FID during training, draw: the model's config, the
     SamplingSpec, the labels (N,) or None, the seed, the classes' name in file names and FID logs
-    ("" without classes), and the number of images, made batch_size at a time."""
+    ("" without classes), the number of images, made batch_size at a time, and the guide model of
+    autoguidance (the spec names it) or None."""
     cfg: Config
     spec: SamplingSpec
     classes: Optional[torch.Tensor]
@@ -2651,23 +2729,28 @@ class SamplingJob(NamedTuple):
     class_label: str
     num_samples: int
     batch_size: int
+    guide: Optional[nn.Module] = None
 
     def draw(self, model, diffusion, procs=Processes()):
         """The images, uint8 (N, H, W, 3) (see generate_samples)."""
         shape = (self.num_samples, 3, self.cfg.image_size, self.cfg.image_size)
-        return generate_samples(model, diffusion, self.spec, shape, self.seed, self.batch_size, self.classes, procs)
+        return generate_samples(model, diffusion, self.spec, shape, self.seed, self.batch_size, self.classes, procs,
+                                self.guide)
 
     def fid_info(self, model, **columns):
         """`columns` and the sampling columns of a fid_log.csv row for these images of `model`."""
         spec = self.spec
+        if spec.guide:
+            columns["source"] = f"{columns.get('source', '')}, guided by {spec.guide}"
         return dict(columns, sampler=spec.sampler, steps=spec.steps, spacing=spec.grid_spacing, clip=spec.clip_x0,
                     eta=spec.eta, classes=self.class_label, precision=precision_name(model.dtype),
-                    guidance_scale=f"{spec.guidance_scale:g}" if self.class_label else "")
+                    guidance_scale=f"{spec.guidance_scale:g}" if self.class_label or spec.guide else "")
 
 
-def sampling_job(args, ckpt, num_samples):
+def sampling_job(args, ckpt, num_samples, guide=""):
     """The SamplingJob of the flags, each checked before any work (--sampling_steps against the checkpoint's T):
-    a flag left out takes the checkpoint's value (seed, --clip_x0, --guidance_scale) or the default."""
+    a flag left out takes the checkpoint's value (seed, --clip_x0, --guidance_scale) or the default. `guide`
+    names the guide of autoguidance (its model is set into the job once loaded)."""
     cfg = config_from_dict(ckpt["config"])
     if args.eta < 0:
         raise UserError("--eta must be >= 0")
@@ -2676,26 +2759,36 @@ def sampling_job(args, ckpt, num_samples):
     steps = args.sampling_steps or cfg.timesteps
     if not 1 <= steps <= cfg.timesteps:
         raise UserError(f"--sampling_steps must be in 1..{cfg.timesteps} (the checkpoint's timesteps)")
-    classes, scale = sampling_classes(args, ckpt, cfg, num_samples)
+    classes, scale = sampling_classes(args, ckpt, cfg, num_samples, bool(guide))
     spec = SamplingSpec(args.sampler, steps, args.timestep_spacing or "", args.eta, args.var_type,
-                        cfg.clip_x0 if args.clip_x0 is None else args.clip_x0, scale)
+                        cfg.clip_x0 if args.clip_x0 is None else args.clip_x0, scale, guide)
     return SamplingJob(cfg, spec, classes, cfg.seed if args.seed is None else args.seed,
                        "" if classes is None else args.class_label or "all", num_samples, args.batch_size or 128)
 
 
-def sampling_classes(args, ckpt, cfg, num_samples):
+def sampling_classes(args, ckpt, cfg, num_samples, guided=False):
     """(labels (N,) or None, guidance scale) for --class_label and --guidance_scale, checked before any
     work: 'all' (the default of a class-conditional model) is every class in class order, as equally
-    often as N allows; a name or an index is that class alone."""
+    often as N allows; a name or an index is that class alone. w is --guidance_scale, else the
+    checkpoint's where it was trained with guidance of this kind (autoguidance when `guided`,
+    classifier-free guidance without), else 1."""
     names = list(ckpt.get("class_names") or ())
-    scale = cfg.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    if not names:
-        if args.class_label is not None or scale != 1:
-            raise UserError("--class_label and --guidance_scale need a class-conditional checkpoint "
-                            "(trained with --class_conditional); this one is unconditional")
-        return None, 1.0
+    if args.guidance_scale is not None:
+        scale = args.guidance_scale
+    elif guided and not cfg.guide:
+        raise UserError("--guide needs --guidance_scale W, the weight of autoguidance (e.g. 2; 1 = the model alone)")
+    else:
+        scale = cfg.guidance_scale if guided or (names and not cfg.guide) else 1.0
     if scale < 0:
         raise UserError("--guidance_scale must be at least 0")
+    if not names:
+        if args.class_label is not None:
+            raise UserError("--class_label needs a class-conditional checkpoint (trained with --class_conditional); "
+                            "this one is unconditional")
+        if scale != 1 and not guided:
+            raise UserError("--guidance_scale needs a class-conditional checkpoint (trained with --class_conditional) "
+                            "or a --guide (autoguidance); this one is unconditional")
+        return None, scale
     label = "all" if args.class_label is None else args.class_label
     if label == "all":  # class by class; where N is not a multiple, the first N mod C classes get one more
         counts = [num_samples // len(names) + (c < num_samples % len(names)) for c in range(len(names))]
@@ -2770,15 +2863,18 @@ def run_sample(args):
         if torchrun_processes().main:
             export_weights(args, ckpt)
         return
-    job = sampling_job(args, ckpt, args.num_samples)
+    guide, guide_name = args.read_guide(ckpt)
+    job = sampling_job(args, ckpt, args.num_samples, guide_name)
     cfg, spec, classes = job.cfg, job.spec, job.classes
     if args.out:
         check_writable_folder(args.out, "--out")
     device, procs = init_processes(args.device or "auto")
     model, diffusion = args.load(ckpt, device)
+    job = job._replace(guide=None if guide is None else args.load(guide, device, ema=True)[0])
     out = Path(args.out) if args.out else Path(cfg.samples_dir) / cfg.run_name
     print(f"{path}: {cfg.run_name}, T={cfg.timesteps} {cfg.schedule_type}, "
-          f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters")
+          f"{sampling_weights(ckpt, not args.no_ema)} weights, {count_parameters(model) / 1e6:.2f}M parameters"
+          f"{f', autoguided by {args.guide} ({count_parameters(job.guide) / 1e6:.2f}M) at w = {spec.guidance_scale:g}' if guide else ''}")
 
     images = job.draw(model, diffusion, procs)
     if not procs.main:
@@ -2796,7 +2892,7 @@ def run_sample(args):
     drawn, counts = (None, None) if classes is None else (t.tolist() for t in classes.unique(return_counts=True))
     if job.class_label == "all":  # a row per class drawn, named
         rows = np.concatenate([images[classes.numpy() == c][:min(10, *counts)] for c in drawn])
-        save_grid(as_float(rows), out / f"{stem}_grid.png", [names[c] for c in drawn], f"w = {spec.guidance_scale:g}")
+        save_grid(as_float(rows), out / f"{stem}_grid.png", [names[c] for c in drawn], guidance_title(spec))
     else:
         save_grid(as_float(images[:100]), out / f"{stem}_grid.png")
     if classes is not None:
@@ -2851,7 +2947,8 @@ def run_eval(args):
     if args.checkpoint:
         path, ckpt = args.read()
         run_dir, step = path if path.is_dir() else path.parent, ckpt["step"]
-        job = sampling_job(args, ckpt, num_samples)
+        guide, guide_name = args.read_guide(ckpt)
+        job = sampling_job(args, ckpt, num_samples, guide_name)
         cfg = job.cfg
     else:
         path, step, run_dir = None, "", Path(args.eval_npz).parent
@@ -2862,6 +2959,7 @@ def run_eval(args):
         info = dict(checkpoint=path or "", step=step, source=args.eval_npz)
     else:
         model, diffusion = args.load(ckpt, device)
+        job = job._replace(guide=None if guide is None else args.load(guide, device, ema=True)[0])
         images = job.draw(model, diffusion, procs)
         info = job.fid_info(model, checkpoint=path, step=step, source=sampling_weights(ckpt, not args.no_ema))
     if not procs.main:
@@ -3150,6 +3248,10 @@ def main(argv=None):
 
 
 # --- Extras: pictures ------------------------------------------------------------------------------
+
+def guidance_title(spec):
+    return f"w = {spec.guidance_scale:g}" + (f", autoguided by {spec.guide}" if spec.guide else "")
+
 
 def save_grid(images, path, row_names=(), title=""):
     """A grid PNG of images in [-1, 1], at most 10 per row (legible at 32px); given row_names, one row
@@ -3513,13 +3615,13 @@ class FidDuringTraining:
     against the whole training set (statistics cached beside the runs), logged to fid_log.csv. A
     class-conditional model is scored on samples of every class in turn, at --guidance_scale."""
 
-    def __init__(self, cfg, paths, device, class_names=()):
+    def __init__(self, cfg, paths, device, class_names=(), guide=None, guide_name=""):
         self.paths, self.device = paths, device
         classes = torch.arange(cfg.fid_samples) % len(class_names) if class_names else None
         spec = SamplingSpec("dpmpp2m", min(20, cfg.timesteps), clip_x0=cfg.clip_x0,
-                            guidance_scale=cfg.guidance_scale if class_names else 1.0)
+                            guidance_scale=cfg.guidance_scale if class_names or guide else 1.0, guide=guide_name)
         self.job = SamplingJob(cfg, spec, classes, cfg.seed, "all" if class_names else "", cfg.fid_samples,
-                               cfg.batch_size)
+                               cfg.batch_size, guide)
         self.extractor = build_fid_inception(cfg.fid_weights or None, device)
         self.reference, self.reference_name = reference_images(cfg, cfg.data_dir)
 
