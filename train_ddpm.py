@@ -18,7 +18,8 @@ fastest, low_memory.
 
 Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
 Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free
-guidance); Saharia et al. 2022 (dynamic thresholding).
+guidance); Saharia et al. 2022 (dynamic thresholding); Karras et al. 2024 (EDM2's power-function and
+post-hoc EMA; autoguidance).
 """
 
 import argparse
