@@ -14,12 +14,13 @@ folders); a reader who stops at the extras has read the whole method.
     python train_ddpm.py --mode eval --checkpoint checkpoints/quick_test_ts100 --num_samples 2000
 
 Presets: quick_test, cpu_hour, cifar10, cifar10_optimized, cifar10_cond, ddpm_paper, best_quality,
-fastest, low_memory.
+fastest, low_memory, gpu_speedrun.
 
 Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
 Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free
 guidance); Saharia et al. 2022 (dynamic thresholding); Karras et al. 2024 (EDM2's power-function and
-post-hoc EMA; autoguidance).
+post-hoc EMA; autoguidance); Karras et al. 2022 (EDM) and Esser et al. 2024 (SD3) for training's
+timestep densities; Ning et al. 2023 (DDPM-IP, input perturbation).
 """
 
 import argparse
@@ -56,6 +57,14 @@ from tqdm.auto import tqdm
 
 
 # --- Config and presets ------------------------------------------------------------------------
+
+# Training's timestep densities, as a normal (mean, std) of the log-SNR lambda = log(abar / (1 - abar))
+# that each draws (None: uniform over the T steps). EDM (Karras et al. 2022, Table 1): log sigma ~
+# N(-1.2, 1.2^2), and sigma^2 = 1 / SNR, so lambda = -2 log sigma ~ N(2.4, 2.4^2). SD3 (Esser et al.
+# 2024, Sec. 3.1): rectified flow's t = sigmoid(u), u ~ N(0, 1), has SNR = ((1 - t) / t)^2, so
+# lambda = -2u ~ N(0, 2^2).
+T_SAMPLING = {"uniform": None, "lognormal": (2.4, 2.4), "logitnormal": (0.0, 2.0)}
+
 
 class UserError(Exception):
     """A mistake the user can fix: printed as one line, exit code 2, no traceback."""
@@ -132,6 +141,15 @@ class Config:
     beta_start: float = _field(1e-4, "first beta of the linear schedule", arch=True)
     beta_end: float = _field(0.02, "last beta of the linear schedule", arch=True)
     cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)", arch=True)
+    # where training spends its noise levels
+    t_sampling: str = _field("uniform", "how training draws each image's timestep: uniform over [0, T) (Ho et al.), "
+                                        "lognormal (EDM's log sigma ~ N(-1.2, 1.2^2), sigma = sqrt((1 - abar) / abar)) "
+                                        "or logitnormal (SD3's logit-normal(0, 1) of rectified flow's t, i.e. "
+                                        "log-SNR ~ N(0, 2^2)), each as the mass of that density in each timestep's "
+                                        "log-SNR interval", choices=tuple(T_SAMPLING))
+    input_perturbation: float = _field(0.0, "input perturbation gamma (Ning et al. 2023, DDPM-IP): train on x_t made "
+                                            "with noise + gamma * xi, xi ~ N(0, I), against the noise alone; they "
+                                            "use 0.1 (0 = off)")
     # optimisation
     learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",), menu=2)
     weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
@@ -261,6 +279,16 @@ PRESETS = {
                      dropout=0.0, batch_size=64, learning_rate=1e-3, warmup_steps=200, scheduler="constant",
                      grad_clip=1.0, ema_decay=0.999, epochs=10_000, max_minutes=60.0, val_size=0,
                      save_every=1, sample_every=2, preview_steps=20, log_every=20, clip_x0="dynamic"),
+    # Not run yet (no GPU has trained it): what we would run on one H100 to reach FID < 10 within
+    # 10 million training images. The paper's UNet at twice its batch and LR, constant after warmup
+    # (at short budgets the LR's average matters more than its tail: BENCHMARKS.md, "Tuning
+    # cpu_hour"), bf16 and torch.compile; the EMA chosen after training from power-EMA snapshots
+    # (--ema_length), and an early checkpoint of the same run as the autoguidance guide.
+    "gpu_speedrun": dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                         dropout=0.1, emb_dim=512, batch_size=256, learning_rate=4e-4, warmup_steps=1000,
+                         scheduler="constant", grad_clip=1.0, ema_decay=0.9995, ema_profiles=(0.05, 0.10),
+                         ema_snapshot_every=500_000, epochs=201, max_steps=39_063, compile=True, save_every=10,
+                         sample_every=5, preview_steps=20, clip_x0="dynamic"),
 }
 for _overrides in PRESETS.values():
     Config(**_overrides)
@@ -277,6 +305,7 @@ PRESET_NOTES = {
     "low_memory": "half-width UNet at a small batch",
     "cifar10_cond": "cifar10_optimized with class labels: pick the class, guided previews",
     "cpu_hour": "small UNet for 60 minutes of a CPU: the best images an hour gives",
+    "gpu_speedrun": "the paper's UNet for 10M images on one GPU, post-hoc EMA (not yet run on a GPU)",
 }
 DEFAULT_PRESET = "cifar10_optimized"
 
@@ -335,6 +364,7 @@ def validate_config(cfg):
         (cfg.restart_period >= 1, "--restart_period must be at least 1 epoch"),
         (cfg.restart_mult >= 1, "--restart_mult must be at least 1"),
         (0 <= cfg.min_lr < cfg.learning_rate, "--min_lr must be >= 0 and below --learning_rate"),
+        (0 <= cfg.input_perturbation < 1, "--input_perturbation must be in [0, 1) (DDPM-IP uses 0.1)"),
         (cfg.grad_clip >= 0, "--grad_clip must be >= 0 (0 turns clipping off)"),
         (0.0 <= cfg.ema_decay < 1.0, "--ema_decay must be in [0, 1)"),
         (all(0 < s < MAX_SIGMA_REL for s in cfg.ema_profiles) and len(set(cfg.ema_profiles)) == len(cfg.ema_profiles),
@@ -1029,13 +1059,16 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
         return self.training_losses(model, x_start, t, noise).mean()
 
-    def training_losses(self, model, x_start, t, noise=None, y=None):
+    def training_losses(self, model, x_start, t, noise=None, y=None, perturbation=None):
         """The per-image L_simple terms, (B,): mean squared error of the noise prediction at t
-        (of class y, -1 = no class, for a class-conditional model)."""
+        (of class y, -1 = no class, for a class-conditional model). With a `perturbation`, x_t is
+        made with noise + perturbation and the target stays the noise (DDPM-IP, Ning et al. 2023,
+        Algorithm 1)."""
         if noise is None:
             noise = torch.randn_like(x_start)
         labels = () if y is None else (y,)
-        return (model(self.q_sample(x_start, t, noise), t, *labels) - noise).square().mean(dim=(1, 2, 3))
+        x_t = self.q_sample(x_start, t, noise if perturbation is None else noise + perturbation)
+        return (model(x_t, t, *labels) - noise).square().mean(dim=(1, 2, 3))
 
     def respace(self, timesteps):
         """The Markov chain that visits only `timesteps` (increasing): betas recomputed from alpha_bar
@@ -1478,15 +1511,43 @@ class LRSchedule:
             self.restarts.load_state_dict(state)
 
 
-def step_noise(diffusion, global_shape, shard, generator, seed, step):
-    """The timesteps and noise of training step `step` for the whole global batch, drawn from
-    (seed, step) alone, then sliced to this rank's images: resume and DDP draw what one
-    uninterrupted process would."""
-    generator.manual_seed(derived_seed(seed, step, BATCH_NOISE))
-    device = generator.device
-    t = torch.randint(0, diffusion.num_timesteps, global_shape[:1], generator=generator, device=device)
-    noise = torch.randn(global_shape, generator=generator, device=device)
-    return t[shard], noise[shard]
+def timestep_probabilities(alphas_cumprod, logsnr_normal):
+    """P(t) of training's timesteps (host float64 [T]): uniform for None, else the mass a normal
+    (mean, std) of the log-SNR puts in each timestep's interval of log-SNR, between the midpoints
+    to its neighbours (the first and last reaching to +-infinity), so that it sums to 1."""
+    if logsnr_normal is None:
+        return np.full(len(alphas_cumprod), 1.0 / len(alphas_cumprod))
+    mean, std = logsnr_normal
+    log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
+    edges = np.concatenate([[np.inf], (log_snr[1:] + log_snr[:-1]) / 2, [-np.inf]])
+    cdf = np.array([0.5 * (1 + math.erf(z / math.sqrt(2))) for z in (edges - mean) / std])  # Phi at each edge
+    return cdf[:-1] - cdf[1:]
+
+
+class TrainingNoise:
+    """What training adds to its images: each step's timesteps (drawn by --t_sampling's density),
+    noise, and DDPM-IP's input perturbation gamma * xi (Ning et al. 2023, --input_perturbation), all
+    drawn for the whole global batch from (seed, step) alone, then sliced to this rank's images:
+    resume and DDP draw what one uninterrupted process would."""
+
+    def __init__(self, diffusion, t_sampling="uniform", input_perturbation=0.0):
+        self.num_timesteps, self.gamma, self.cdf = diffusion.num_timesteps, input_perturbation, None
+        if T_SAMPLING[t_sampling] is not None:  # inverse-CDF draws from the host table
+            probs = timestep_probabilities(diffusion.alphas_cumprod_host, T_SAMPLING[t_sampling])
+            self.cdf = torch.from_numpy(np.cumsum(probs)).to(diffusion.betas.device)
+
+    def draw(self, global_shape, shard, generator, seed, step):
+        """(t, noise, perturbation or None) of training step `step` for this rank's images."""
+        generator.manual_seed(derived_seed(seed, step, BATCH_NOISE))
+        device, n = generator.device, global_shape[0]
+        if self.cdf is None:
+            t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
+        else:
+            u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+            t = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.num_timesteps - 1)
+        noise = torch.randn(global_shape, generator=generator, device=device)
+        perturbation = self.gamma * torch.randn(global_shape, generator=generator, device=device) if self.gamma else None
+        return t[shard], noise[shard], None if perturbation is None else perturbation[shard]
 
 
 def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None):
@@ -1504,12 +1565,13 @@ def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None)
 
 
 class Batch(NamedTuple):
-    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, and their labels
-    (-1 = no class) or None."""
+    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, their labels
+    (-1 = no class) or None, and the input perturbation added to the noise in x_t alone, or None."""
     x_start: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
     y: Optional[torch.Tensor] = None
+    perturbation: Optional[torch.Tensor] = None
 
 
 def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Processes(), micro_batches=1):
@@ -1522,16 +1584,14 @@ def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Pr
     in the last backward. Returns device tensors, so nothing waits for the GPU: the grad norm, the
     per-image losses (B,) and whether the step was skipped."""
     optimizer.zero_grad(set_to_none=True)
-    x_start, t, noise, y = batch
-    labels = (None,) * micro_batches if y is None else y.tensor_split(micro_batches)
-    parts = zip(*(v.tensor_split(micro_batches) for v in (x_start, t, noise)), labels)
+    parts = zip(*((None,) * micro_batches if v is None else v.tensor_split(micro_batches) for v in batch))
     losses = []
-    for i, (x_part, t_part, noise_part, y_part) in enumerate(parts):
+    for i, part in enumerate(Batch(*p) for p in parts):
         last = i == micro_batches - 1
         with contextlib.nullcontext() if last else getattr(forward, "no_sync", contextlib.nullcontext)():
-            part = diffusion.training_losses(forward, x_part, t_part, noise_part, y_part)
+            part = diffusion.training_losses(forward, *part)
             # its share of the whole batch's mean (times exactly 1.0 without accumulation)
-            scaler.scale(part.mean() * (len(part) / len(x_start))).backward()
+            scaler.scale(part.mean() * (len(part) / len(batch.x_start))).backward()
         losses.append(part.detach())
     losses = torch.cat(losses) if micro_batches > 1 else losses[0]
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
@@ -1942,6 +2002,7 @@ class Run:
             raise UserError(f"the run has already trained {state.elapsed_s / 60:.1f} minutes; "
                             f"raise --max_minutes to train further")
         self.diffusion = build_diffusion(cfg).to(device)
+        self.training_noise = TrainingNoise(self.diffusion, cfg.t_sampling, cfg.input_perturbation)
         self.forward = Precision(net, device, amp_dtype, channels_last)  # autocast, channels_last, DDP, compile
         self.ema_forward = Precision(state.ema.model, device, amp_dtype, channels_last)  # previews, evaluation
         self.validator = (Validator(val.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
@@ -2032,12 +2093,12 @@ def take_step(run, x_start, y):
     dropout masks (all derived from (seed, step)), then the EMA; returns the LR it used."""
     cfg, state, procs = run.cfg, run.state, run.procs
     lr = state.lr_schedule.set_step(state.step)
-    t, noise = step_noise(run.diffusion, (cfg.batch_size, 3, cfg.image_size, cfg.image_size), run.shard,
-                          run.noise_generator, cfg.seed, state.step)
+    t, noise, perturbation = run.training_noise.draw((cfg.batch_size, 3, cfg.image_size, cfg.image_size),
+                                                     run.shard, run.noise_generator, cfg.seed, state.step)
     y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, run.shard, run.label_generator)
     torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
-    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y), state.optimizer,
-                                        state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
+    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y, perturbation),
+                                        state.optimizer, state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
     state.ema.update(state.model, state.step)
     if state.power_ema:
         state.power_ema.update(state.model, state.step)

@@ -80,3 +80,17 @@ def test_the_training_loss_of_a_class_conditional_unet_stays_on_cuda():
         x, t, y = torch.randn(4, 3, 8, 8), torch.randint(0, 100, (4,)), torch.tensor([0, 1, 2, -1])
         losses = diffusion.training_losses(forward, x, t, torch.randn_like(x), y)
         assert losses.shape == (4,) and losses.device.type == "cuda"
+
+
+def test_the_timestep_table_and_the_perturbed_loss_stay_on_cuda():
+    betas = td.make_beta_schedule("linear", 100, 1e-3, 0.2).numpy()
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the host table becomes a fake tensor in .to()
+        diffusion = td.GaussianDiffusion(betas, device="cuda")
+        training_noise = td.TrainingNoise(diffusion, "logitnormal", 0.1)
+        assert training_noise.cdf.device.type == "cuda" and training_noise.cdf.dtype == torch.float64
+        u = torch.rand(4, device="cuda", dtype=torch.float64)  # what draw() takes from a CUDA generator
+        t = torch.searchsorted(training_noise.cdf, u, right=True).clamp_(max=99)
+        x = torch.randn(4, 3, 8, 8, device="cuda")
+        losses = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, t, torch.randn_like(x), None,
+                                           0.1 * torch.randn_like(x))
+        assert losses.device.type == "cuda"
