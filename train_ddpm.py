@@ -19,8 +19,7 @@ fastest, low_memory, gpu_speedrun.
 Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
 Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free
 guidance); Saharia et al. 2022 (dynamic thresholding); Karras et al. 2024 (EDM2's power-function and
-post-hoc EMA; autoguidance); Karras et al. 2022 (EDM) and Esser et al. 2024 (SD3) for training's
-timestep densities; Ning et al. 2023 (DDPM-IP, input perturbation).
+post-hoc EMA; autoguidance); Karras et al. 2022 (EDM: training's log-normal noise levels).
 """
 
 import argparse
@@ -60,10 +59,8 @@ from tqdm.auto import tqdm
 
 # Training's timestep densities, as a normal (mean, std) of the log-SNR lambda = log(abar / (1 - abar))
 # that each draws (None: uniform over the T steps). EDM (Karras et al. 2022, Table 1): log sigma ~
-# N(-1.2, 1.2^2), and sigma^2 = 1 / SNR, so lambda = -2 log sigma ~ N(2.4, 2.4^2). SD3 (Esser et al.
-# 2024, Sec. 3.1): rectified flow's t = sigmoid(u), u ~ N(0, 1), has SNR = ((1 - t) / t)^2, so
-# lambda = -2u ~ N(0, 2^2).
-T_SAMPLING = {"uniform": None, "lognormal": (2.4, 2.4), "logitnormal": (0.0, 2.0)}
+# N(-1.2, 1.2^2), and sigma^2 = 1 / SNR, so lambda = -2 log sigma ~ N(2.4, 2.4^2).
+T_SAMPLING = {"uniform": None, "lognormal": (2.4, 2.4)}
 
 
 class UserError(Exception):
@@ -142,14 +139,10 @@ class Config:
     beta_end: float = _field(0.02, "last beta of the linear schedule", arch=True)
     cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)", arch=True)
     # where training spends its noise levels
-    t_sampling: str = _field("uniform", "how training draws each image's timestep: uniform over [0, T) (Ho et al.), "
-                                        "lognormal (EDM's log sigma ~ N(-1.2, 1.2^2), sigma = sqrt((1 - abar) / abar)) "
-                                        "or logitnormal (SD3's logit-normal(0, 1) of rectified flow's t, i.e. "
-                                        "log-SNR ~ N(0, 2^2)), each as the mass of that density in each timestep's "
-                                        "log-SNR interval", choices=tuple(T_SAMPLING))
-    input_perturbation: float = _field(0.0, "input perturbation gamma (Ning et al. 2023, DDPM-IP): train on x_t made "
-                                            "with noise + gamma * xi, xi ~ N(0, I), against the noise alone; they "
-                                            "use 0.1 (0 = off)")
+    t_sampling: str = _field("uniform", "how training draws each image's timestep: uniform over [0, T) (Ho et al.) "
+                                        "or lognormal (EDM's log sigma ~ N(-1.2, 1.2^2), sigma = "
+                                        "sqrt((1 - abar) / abar), as that density's mass in each timestep's log-SNR "
+                                        "interval)", choices=tuple(T_SAMPLING))
     # optimisation
     learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",), menu=2)
     weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
@@ -364,7 +357,6 @@ def validate_config(cfg):
         (cfg.restart_period >= 1, "--restart_period must be at least 1 epoch"),
         (cfg.restart_mult >= 1, "--restart_mult must be at least 1"),
         (0 <= cfg.min_lr < cfg.learning_rate, "--min_lr must be >= 0 and below --learning_rate"),
-        (0 <= cfg.input_perturbation < 1, "--input_perturbation must be in [0, 1) (DDPM-IP uses 0.1)"),
         (cfg.grad_clip >= 0, "--grad_clip must be >= 0 (0 turns clipping off)"),
         (0.0 <= cfg.ema_decay < 1.0, "--ema_decay must be in [0, 1)"),
         (all(0 < s < MAX_SIGMA_REL for s in cfg.ema_profiles) and len(set(cfg.ema_profiles)) == len(cfg.ema_profiles),
@@ -1059,16 +1051,13 @@ class GaussianDiffusion(nn.Module):
             t = torch.randint(0, self.num_timesteps, (x_start.shape[0],), device=x_start.device)
         return self.training_losses(model, x_start, t, noise).mean()
 
-    def training_losses(self, model, x_start, t, noise=None, y=None, perturbation=None):
+    def training_losses(self, model, x_start, t, noise=None, y=None):
         """The per-image L_simple terms, (B,): mean squared error of the noise prediction at t
-        (of class y, -1 = no class, for a class-conditional model). With a `perturbation`, x_t is
-        made with noise + perturbation and the target stays the noise (DDPM-IP, Ning et al. 2023,
-        Algorithm 1)."""
+        (of class y, -1 = no class, for a class-conditional model)."""
         if noise is None:
             noise = torch.randn_like(x_start)
         labels = () if y is None else (y,)
-        x_t = self.q_sample(x_start, t, noise if perturbation is None else noise + perturbation)
-        return (model(x_t, t, *labels) - noise).square().mean(dim=(1, 2, 3))
+        return (model(self.q_sample(x_start, t, noise), t, *labels) - noise).square().mean(dim=(1, 2, 3))
 
     def respace(self, timesteps):
         """The Markov chain that visits only `timesteps` (increasing): betas recomputed from alpha_bar
@@ -1525,19 +1514,18 @@ def timestep_probabilities(alphas_cumprod, logsnr_normal):
 
 
 class TrainingNoise:
-    """What training adds to its images: each step's timesteps (drawn by --t_sampling's density),
-    noise, and DDPM-IP's input perturbation gamma * xi (Ning et al. 2023, --input_perturbation), all
-    drawn for the whole global batch from (seed, step) alone, then sliced to this rank's images:
-    resume and DDP draw what one uninterrupted process would."""
+    """What training adds to its images: each step's timesteps (drawn by --t_sampling's density)
+    and noise, drawn for the whole global batch from (seed, step) alone, then sliced to this rank's
+    images: resume and DDP draw what one uninterrupted process would."""
 
-    def __init__(self, diffusion, t_sampling="uniform", input_perturbation=0.0):
-        self.num_timesteps, self.gamma, self.cdf = diffusion.num_timesteps, input_perturbation, None
+    def __init__(self, diffusion, t_sampling="uniform"):
+        self.num_timesteps, self.cdf = diffusion.num_timesteps, None
         if T_SAMPLING[t_sampling] is not None:  # inverse-CDF draws from the host table
             probs = timestep_probabilities(diffusion.alphas_cumprod_host, T_SAMPLING[t_sampling])
             self.cdf = torch.from_numpy(np.cumsum(probs)).to(diffusion.betas.device)
 
     def draw(self, global_shape, shard, generator, seed, step):
-        """(t, noise, perturbation or None) of training step `step` for this rank's images."""
+        """(t, noise) of training step `step` for this rank's images."""
         generator.manual_seed(derived_seed(seed, step, BATCH_NOISE))
         device, n = generator.device, global_shape[0]
         if self.cdf is None:
@@ -1546,8 +1534,7 @@ class TrainingNoise:
             u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
             t = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.num_timesteps - 1)
         noise = torch.randn(global_shape, generator=generator, device=device)
-        perturbation = self.gamma * torch.randn(global_shape, generator=generator, device=device) if self.gamma else None
-        return t[shard], noise[shard], None if perturbation is None else perturbation[shard]
+        return t[shard], noise[shard]
 
 
 def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None):
@@ -1565,13 +1552,12 @@ def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None)
 
 
 class Batch(NamedTuple):
-    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, their labels
-    (-1 = no class) or None, and the input perturbation added to the noise in x_t alone, or None."""
+    """One step's inputs to L_simple: images in [-1, 1], their timesteps and noise, and their labels
+    (-1 = no class) or None."""
     x_start: torch.Tensor
     t: torch.Tensor
     noise: torch.Tensor
     y: Optional[torch.Tensor] = None
-    perturbation: Optional[torch.Tensor] = None
 
 
 def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Processes(), micro_batches=1):
@@ -2002,7 +1988,7 @@ class Run:
             raise UserError(f"the run has already trained {state.elapsed_s / 60:.1f} minutes; "
                             f"raise --max_minutes to train further")
         self.diffusion = build_diffusion(cfg).to(device)
-        self.training_noise = TrainingNoise(self.diffusion, cfg.t_sampling, cfg.input_perturbation)
+        self.training_noise = TrainingNoise(self.diffusion, cfg.t_sampling)
         self.forward = Precision(net, device, amp_dtype, channels_last)  # autocast, channels_last, DDP, compile
         self.ema_forward = Precision(state.ema.model, device, amp_dtype, channels_last)  # previews, evaluation
         self.validator = (Validator(val.to(device), cfg.timesteps, cfg.seed, cfg.batch_size)
@@ -2093,11 +2079,11 @@ def take_step(run, x_start, y):
     dropout masks (all derived from (seed, step)), then the EMA; returns the LR it used."""
     cfg, state, procs = run.cfg, run.state, run.procs
     lr = state.lr_schedule.set_step(state.step)
-    t, noise, perturbation = run.training_noise.draw((cfg.batch_size, 3, cfg.image_size, cfg.image_size),
-                                                     run.shard, run.noise_generator, cfg.seed, state.step)
+    t, noise = run.training_noise.draw((cfg.batch_size, 3, cfg.image_size, cfg.image_size), run.shard,
+                                       run.noise_generator, cfg.seed, state.step)
     y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, run.shard, run.label_generator)
     torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
-    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y, perturbation),
+    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y),
                                         state.optimizer, state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
     state.ema.update(state.model, state.step)
     if state.power_ema:

@@ -44,6 +44,9 @@ def arguments():
                                                      "ddpm_ts1000_epoch0001.pt; NAME:SIGMA_REL rebuilds the guide's "
                                                      "EMA at that length")
     parser.add_argument("--scales", default="1.5,2,3", help="autoguidance weights w")
+    parser.add_argument("--no_classic", dest="classic", action="store_false",
+                        help="score only the power EMAs, not the classic --ema_decay one (to compare training "
+                             "recipes at their best post-hoc length)")
     return parser.parse_args()
 
 
@@ -72,8 +75,9 @@ def main():
         out, last = Path(args.out) / f"seed{seed}", run / "latest.pt"
         seed_args = copy.copy(args)
         seed_args.seed = seed
-        ema = td.read_checkpoint(last)["config"]["ema_decay"]
-        results[f"EMA decay {ema:g} (classic)", seed] = bch.score(seed_args, out, scorer, last, "classic")
+        if args.classic:
+            ema = td.read_checkpoint(last)["config"]["ema_decay"]
+            results[f"EMA decay {ema:g} (classic)", seed] = bch.score(seed_args, out, scorer, last, "classic")
         for s in lengths:
             results[f"power EMA {s:g}", seed] = bch.score(seed_args, out, scorer, last, f"ema{s:g}",
                                                           ["--ema_length", str(s)])
@@ -110,8 +114,9 @@ def write_plot(results, seeds, lengths, guides, scales, path, n):
     for k, seed in enumerate(seeds):
         ax.plot(lengths, [results[f"power EMA {s:g}", seed]["fid"] for s in lengths], "o-", color=f"C{k}",
                 label=f"seed {seed}")
-        classic = next(v for (setting, s), v in results.items() if s == seed and setting.endswith("(classic)"))
-        ax.axhline(classic["fid"], color=f"C{k}", ls="--", label=f"seed {seed}, classic EMA")
+        classic = next((v for (setting, s), v in results.items() if s == seed and setting.endswith("(classic)")), None)
+        if classic:
+            ax.axhline(classic["fid"], color=f"C{k}", ls="--", label=f"seed {seed}, classic EMA")
     ax.set_xlabel("post-hoc EMA length sigma_rel")
     ax.set_ylabel(f"FID@{n}")
     ax.legend(fontsize=7)

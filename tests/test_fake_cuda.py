@@ -82,15 +82,14 @@ def test_the_training_loss_of_a_class_conditional_unet_stays_on_cuda():
         assert losses.shape == (4,) and losses.device.type == "cuda"
 
 
-def test_the_timestep_table_and_the_perturbed_loss_stay_on_cuda():
+def test_the_timestep_table_and_its_draws_stay_on_cuda():
     betas = td.make_beta_schedule("linear", 100, 1e-3, 0.2).numpy()
     with FakeTensorMode(allow_non_fake_inputs=True):  # the host table becomes a fake tensor in .to()
         diffusion = td.GaussianDiffusion(betas, device="cuda")
-        training_noise = td.TrainingNoise(diffusion, "logitnormal", 0.1)
+        training_noise = td.TrainingNoise(diffusion, "lognormal")
         assert training_noise.cdf.device.type == "cuda" and training_noise.cdf.dtype == torch.float64
         u = torch.rand(4, device="cuda", dtype=torch.float64)  # what draw() takes from a CUDA generator
         t = torch.searchsorted(training_noise.cdf, u, right=True).clamp_(max=99)
         x = torch.randn(4, 3, 8, 8, device="cuda")
-        losses = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, t, torch.randn_like(x), None,
-                                           0.1 * torch.randn_like(x))
+        losses = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, t, torch.randn_like(x))
         assert losses.device.type == "cuda"

@@ -243,11 +243,11 @@ def test_the_shards_of_an_epoch_batch_make_up_the_whole_batch_labels_and_dropped
 def test_each_rank_draws_its_slice_of_the_global_timesteps_and_noise():
     diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 100, 1e-3, 0.2))
     g, training_noise = torch.Generator(), td.TrainingNoise(diffusion)
-    t, noise, _ = training_noise.draw((8, 3, 4, 4), slice(None), g, seed=1, step=7)
+    t, noise = training_noise.draw((8, 3, 4, 4), slice(None), g, seed=1, step=7)
     halves = [training_noise.draw((8, 3, 4, 4), td.Processes(r, 2).shard(8), g, 1, 7) for r in range(2)]
     assert torch.equal(torch.cat([h[0] for h in halves]), t)
     assert torch.equal(torch.cat([h[1] for h in halves]), noise)
-    t_next, _, _ = training_noise.draw((8, 3, 4, 4), slice(None), g, seed=1, step=8)
+    t_next, _ = training_noise.draw((8, 3, 4, 4), slice(None), g, seed=1, step=8)
     assert not torch.equal(t_next, t), "each step draws afresh"
 
 
