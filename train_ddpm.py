@@ -1570,14 +1570,16 @@ def train_step(forward, diffusion, batch, optimizer, scaler, grad_clip, procs=Pr
     in the last backward. Returns device tensors, so nothing waits for the GPU: the grad norm, the
     per-image losses (B,) and whether the step was skipped."""
     optimizer.zero_grad(set_to_none=True)
-    parts = zip(*((None,) * micro_batches if v is None else v.tensor_split(micro_batches) for v in batch))
+    x_start, t, noise, y = batch
+    labels = (None,) * micro_batches if y is None else y.tensor_split(micro_batches)
+    parts = zip(*(v.tensor_split(micro_batches) for v in (x_start, t, noise)), labels)
     losses = []
-    for i, part in enumerate(Batch(*p) for p in parts):
+    for i, (x_part, t_part, noise_part, y_part) in enumerate(parts):
         last = i == micro_batches - 1
         with contextlib.nullcontext() if last else getattr(forward, "no_sync", contextlib.nullcontext)():
-            part = diffusion.training_losses(forward, *part)
+            part = diffusion.training_losses(forward, x_part, t_part, noise_part, y_part)
             # its share of the whole batch's mean (times exactly 1.0 without accumulation)
-            scaler.scale(part.mean() * (len(part) / len(batch.x_start))).backward()
+            scaler.scale(part.mean() * (len(part) / len(x_start))).backward()
         losses.append(part.detach())
     losses = torch.cat(losses) if micro_batches > 1 else losses[0]
     scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
