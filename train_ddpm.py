@@ -1531,10 +1531,13 @@ class TrainingNoise:
         if self.cdf is None:
             t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=device)
         else:
-            u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-            t = torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.num_timesteps - 1)
+            t = self.timesteps(torch.rand(n, generator=generator, device=device, dtype=torch.float64))
         noise = torch.randn(global_shape, generator=generator, device=device)
         return t[shard], noise[shard]
+
+    def timesteps(self, u):
+        """The timesteps of uniforms u in [0, 1) (float64, on the table's device): the inverse CDF."""
+        return torch.searchsorted(self.cdf, u, right=True).clamp_(max=self.num_timesteps - 1)
 
 
 def drop_labels(y, p, seed, step, batch_size, shard=slice(None), generator=None):
@@ -2085,8 +2088,8 @@ def take_step(run, x_start, y):
                                        run.noise_generator, cfg.seed, state.step)
     y = drop_labels(y, cfg.class_dropout, cfg.seed, state.step, cfg.batch_size, run.shard, run.label_generator)
     torch.manual_seed(derived_seed(cfg.seed, state.step, DROPOUT, procs.rank))  # ranks differ here
-    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y),
-                                        state.optimizer, state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
+    grad_norm, losses, bad = train_step(run.forward, run.diffusion, Batch(x_start, t, noise, y), state.optimizer,
+                                        state.scaler, cfg.grad_clip, procs, cfg.grad_accum)
     state.ema.update(state.model, state.step)
     if state.power_ema:
         state.power_ema.update(state.model, state.step)

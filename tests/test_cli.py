@@ -774,7 +774,8 @@ def test_every_config_field_has_a_flag_and_survives_a_checkpoint_round_trip():
     for f in dataclasses.fields(train_ddpm.Config):
         text = {"preset": "fastest", "dataset": "folder", "schedule_type": "cosine", "scheduler": "constant",
                 "device": "cpu", "amp": "bf16", "channels_last": "true",
-                "downsample_padding": "symmetric", "clip_x0": "dynamic", "t_sampling": "lognormal"}.get(f.name, examples.get(f.type, "name"))
+                "downsample_padding": "symmetric", "clip_x0": "dynamic",
+                "t_sampling": "lognormal"}.get(f.name, examples.get(f.type, "name"))
         args = parser.parse_args([f"--{f.name}", text])
         assert train_ddpm.explicit_config(args) == {f.name: train_ddpm.field_parser(f)(text)}, f.name
     cfg = train_ddpm.preset_config("ddpm_paper", {"attn_resolutions": (16, 8)})

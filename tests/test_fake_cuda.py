@@ -88,8 +88,8 @@ def test_the_timestep_table_and_its_draws_stay_on_cuda():
         diffusion = td.GaussianDiffusion(betas, device="cuda")
         training_noise = td.TrainingNoise(diffusion, "lognormal")
         assert training_noise.cdf.device.type == "cuda" and training_noise.cdf.dtype == torch.float64
-        u = torch.rand(4, device="cuda", dtype=torch.float64)  # what draw() takes from a CUDA generator
-        t = torch.searchsorted(training_noise.cdf, u, right=True).clamp_(max=99)
+        t = training_noise.timesteps(torch.rand(4, device="cuda", dtype=torch.float64))  # draw()'s uniforms
+        assert t.device.type == "cuda" and t.dtype == torch.int64
         x = torch.randn(4, 3, 8, 8, device="cuda")
         losses = diffusion.training_losses(lambda x_t, t: torch.zeros_like(x_t), x, t, torch.randn_like(x))
         assert losses.device.type == "cuda"
