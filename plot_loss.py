@@ -132,6 +132,26 @@ def warm_restarts(step, lr):
     return step[1:][np.diff(lr) > 0.5 * span]
 
 
+def lr_schedule_check(step, lr, session=None, low=0.01):
+    """Lines on what the logged LR did that loses training: more than a fifth of the logged steps
+    below 1% of the peak, and jumps at a resume from such a floor back up (a cosine re-planned over
+    a longer run). Each says which train_ddpm.py flag changes it."""
+    lines, peak = [], lr.max()
+    spans = np.diff(step, prepend=0.0)  # each row stands for the steps since the previous one
+    below = lr < low * peak
+    if spans.sum() > 0 and spans[below].sum() / spans.sum() > 0.2:
+        lines.append(f"warning: the LR was below 1% of its peak {peak:g} for {spans[below].sum() / spans.sum():.0%} "
+                     f"of the logged steps (from step {int(step[below.argmax()]):,}), which barely train: raise "
+                     f"--min_lr, --step_size or --gamma, or give the cosine more steps with --cosine_until")
+    if session is not None:
+        for i in np.flatnonzero(np.diff(session) > 0) + 1:
+            if lr[i - 1] < low * peak and lr[i] > 10 * lr[i - 1]:
+                lines.append(f"note: at the resume at step {int(step[i]):,} the LR jumped from its floor "
+                             f"{lr[i - 1]:.3g} to {lr[i]:.3g} (a cosine re-planned over the longer run); resuming "
+                             f"with --cosine_until <the old last step> keeps it at the floor")
+    return lines
+
+
 QUARTILES = ("loss_q0", "loss_q1", "loss_q2", "loss_q3")
 
 
@@ -304,6 +324,8 @@ def main(argv=None):
             values = rows_with(log, name)[name]
             print(f"{label} {values[-1]:.4f} (best {values.min():.4f})")
     print(f"plateau check: {verdict} ({detail})")
+    for line in lr_schedule_check(train["step"], train["lr"], train.get("session")):
+        print(line)
     print(f"wrote {out}")
     if grids:
         print(f"wrote {out.with_name('progress.gif')} ({frames} previews, epochs {grids[0][0]}-{grids[-1][0]})")

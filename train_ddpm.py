@@ -149,11 +149,20 @@ class Config:
     warmup_steps: int = _field(1000, "linear learning-rate warmup, in optimizer steps")
     scheduler: str = _field("cosine_restarts", "learning rate after warmup: cosine_restarts (CosineAnnealingWarmRestarts, "
                                                "--restart_period), cosine (one cosine down to --min_lr at the run's "
-                                               "last step, --epochs or --max_steps), constant (the paper)",
-                            choices=("cosine_restarts", "cosine", "constant"), menu=7)
+                                               "last step, --epochs or --max_steps, or at --cosine_until), constant "
+                                               "(the paper; none is the same), step (times --gamma every --step_size "
+                                               "epochs, StepLR)",
+                            choices=("cosine_restarts", "cosine", "constant", "step", "none"),
+                            value_aliases={"none": "constant"}, menu=7)
     restart_period: int = _field(10, "epochs until the first warm restart (CosineAnnealingWarmRestarts T_0)")
     restart_mult: int = _field(1, "each restart period is this many times longer (T_mult)")
-    min_lr: float = _field(1e-6, "lowest learning rate of the cosine schedule")
+    min_lr: float = _field(1e-6, "lowest learning rate of the cosine schedules")
+    cosine_until: int = _field(0, "--scheduler cosine reaches --min_lr at this step and stays there (0 = the run's "
+                                  "last step): resume a finished cosine run with more --epochs and this at its old "
+                                  "last step to keep the LR at its floor instead of decaying again from near the "
+                                  "peak", resume=True)
+    step_size: int = _field(30, "--scheduler step: epochs between LR drops (StepLR's step_size)")
+    gamma: float = _field(0.1, "--scheduler step: each drop multiplies the LR by this (StepLR's gamma)")
     grad_clip: float = _field(0.5, "clip gradients to this global norm (0 = no clipping)", menu=8)
     ema_decay: float = _field(0.9999, "EMA decay of the weights used for previews and sampling")
     ema_profiles: tuple = _field((), "also track power-function EMAs of these relative lengths sigma_rel "
@@ -357,6 +366,11 @@ def validate_config(cfg):
         (cfg.restart_period >= 1, "--restart_period must be at least 1 epoch"),
         (cfg.restart_mult >= 1, "--restart_mult must be at least 1"),
         (0 <= cfg.min_lr < cfg.learning_rate, "--min_lr must be >= 0 and below --learning_rate"),
+        (cfg.cosine_until >= 0, "--cosine_until must be >= 0 (0 = the run's last step)"),
+        (cfg.cosine_until == 0 or cfg.cosine_until > cfg.warmup_steps,
+         f"--cosine_until must be after the --warmup_steps {cfg.warmup_steps} (or 0)"),
+        (cfg.step_size >= 1, "--step_size must be at least 1 epoch"),
+        (0 < cfg.gamma <= 1, f"--gamma must be in (0, 1] (got {cfg.gamma:g}); 0.1 divides the LR by 10"),
         (cfg.grad_clip >= 0, "--grad_clip must be >= 0 (0 turns clipping off)"),
         (0.0 <= cfg.ema_decay < 1.0, "--ema_decay must be in [0, 1)"),
         (all(0 < s < MAX_SIGMA_REL for s in cfg.ema_profiles) and len(set(cfg.ema_profiles)) == len(cfg.ema_profiles),
@@ -1462,16 +1476,17 @@ class PowerEMA:
 
 
 class LRSchedule:
-    """Linear warmup over warmup_steps, then a constant LR (the paper), PyTorch's
-    CosineAnnealingWarmRestarts stepped every iteration with the fractional epoch since warmup, or
-    one cosine from the peak to min_lr over the rest of the run's planned steps (--epochs, cut at
-    --max_steps), the schedule diffusers' training script uses."""
+    """Linear warmup over warmup_steps, then a constant LR (the paper); PyTorch's
+    CosineAnnealingWarmRestarts stepped every iteration with the fractional epoch since warmup; one
+    cosine from the peak to min_lr over the rest of the run's planned steps (--epochs, cut at
+    --max_steps), the schedule diffusers' training script uses, or up to --cosine_until; or StepLR's
+    drops by gamma every step_size epochs after warmup, counted in steps."""
 
     def __init__(self, optimizer, cfg, steps_per_epoch):
         self.optimizer, self.base_lr, self.min_lr = optimizer, cfg.learning_rate, cfg.min_lr
-        self.warmup_steps, self.steps_per_epoch = cfg.warmup_steps, steps_per_epoch
-        self.cosine_steps = (max(1, planned_steps(cfg, steps_per_epoch) - cfg.warmup_steps)
-                             if cfg.scheduler == "cosine" else 0)
+        self.warmup_steps, self.steps_per_epoch, self.kind = cfg.warmup_steps, steps_per_epoch, cfg.scheduler
+        self.cosine_end = cfg.cosine_until or planned_steps(cfg, steps_per_epoch)
+        self.drop_every, self.gamma = cfg.step_size * steps_per_epoch, cfg.gamma
         restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
         self.restarts = (restarts(optimizer, T_0=cfg.restart_period, T_mult=cfg.restart_mult, eta_min=cfg.min_lr)
                          if cfg.scheduler == "cosine_restarts" else None)
@@ -1483,9 +1498,11 @@ class LRSchedule:
             return self.optimizer.param_groups[0]["lr"]
         if step < self.warmup_steps:
             lr = self.base_lr * (step + 1) / self.warmup_steps
-        elif self.cosine_steps:
-            progress = min(1.0, (step - self.warmup_steps) / self.cosine_steps)
+        elif self.kind == "cosine":
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.cosine_end - self.warmup_steps))
             lr = self.min_lr + (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+        elif self.kind == "step":
+            lr = self.base_lr * self.gamma ** ((step - self.warmup_steps) // self.drop_every)
         else:
             lr = self.base_lr
         for group in self.optimizer.param_groups:
@@ -1498,6 +1515,54 @@ class LRSchedule:
     def load_state_dict(self, state):
         if self.restarts is not None:
             self.restarts.load_state_dict(state)
+
+
+def planned_lrs(cfg, steps_per_epoch, steps):
+    """The LR the run's schedule sets at each of these steps, computed by LRSchedule itself on a
+    stand-in parameter (the restarts are PyTorch's, in closed form for any fractional epoch)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
+    schedule = LRSchedule(optimizer, cfg, steps_per_epoch)
+    return np.array([schedule.set_step(int(s)) for s in steps])
+
+
+LOW_LR = 0.01  # "the LR is at its floor": below 1% of the peak
+SCHEDULE_FIXES = {
+    "cosine": "raise --min_lr, or give the cosine more steps with --cosine_until",
+    "cosine_restarts": "raise --min_lr or --restart_period",
+    "step": "raise --step_size or --gamma",
+}
+
+
+def lr_schedule_warning(cfg, steps_per_epoch, samples=2001):
+    """A warning when the planned schedule spends more than a fifth of the run's steps below 1% of
+    the peak LR (a cosine that ends too early, StepLR dropping too often): those steps barely train.
+    None when it does not. The schedule is sampled at evenly spaced steps."""
+    total = planned_steps(cfg, steps_per_epoch)
+    steps = np.unique(np.linspace(0, total - 1, samples).round())
+    low = planned_lrs(cfg, steps_per_epoch, steps) < LOW_LR * cfg.learning_rate
+    if low.mean() <= 0.2:
+        return None
+    first = int(steps[low.argmax()])
+    return (f"warning: --scheduler {cfg.scheduler} keeps the LR below 1% of its peak {cfg.learning_rate:g} for "
+            f"{low.mean():.0%} of the run's {total:,} steps (from about step {first:,}), which barely train; "
+            f"{SCHEDULE_FIXES.get(cfg.scheduler, 'change --scheduler')}")
+
+
+def resume_lr_note(saved, cfg, steps_per_epoch, step):
+    """What the LR does at a resumed run's next step when the run was made longer (--epochs or
+    --max_steps) than the checkpoint planned, said in one line with the flag that does the other;
+    None when the length or the schedule's dependence on it did not change."""
+    old_total, new_total = planned_steps(saved, steps_per_epoch), planned_steps(cfg, steps_per_epoch)
+    if cfg.scheduler != "cosine" or old_total == new_total:
+        return None
+    before, after = (planned_lrs(plan, steps_per_epoch, [step])[0] for plan in (saved, cfg))  # the old plan, the new
+    if cfg.cosine_until:
+        return (f"note: the cosine LR stays at {after:.3g} (it ends at --cosine_until {cfg.cosine_until:,}); to decay "
+                f"again over the new {new_total:,} steps instead, resume with --cosine_until 0")
+    where = "from its floor" if before <= saved.min_lr * 1.0001 else "from"
+    return (f"note: the cosine LR is re-planned over {new_total:,} steps instead of {old_total:,}: it jumps {where} "
+            f"{before:.3g} to {after:.3g} at step {step:,}; to keep the old plan (its floor {saved.min_lr:g} after "
+            f"step {saved.cosine_until or old_total:,}), resume with --cosine_until {saved.cosine_until or old_total}")
 
 
 def timestep_probabilities(alphas_cumprod, logsnr_normal):
@@ -1939,6 +2004,11 @@ def train(cfg, resume_from=None):
     elif cfg.init_from:
         start_from_weights(cfg.init_from, state.model, state.ema, data.class_names)
     run = Run(cfg, paths, procs, device, data, state)
+    saved = config_from_dict(resume_from["config"]) if resume_from is not None else None
+    for message in (lr_schedule_warning(cfg, run.n_batches),
+                    saved and resume_lr_note(saved, cfg, run.n_batches, state.step)):
+        if message:
+            print(message, file=sys.stderr)
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
     lock = RunLock(paths.checkpoints) if procs.main else None
     try:
@@ -3041,10 +3111,12 @@ def parse_bool(text):
 
 
 def field_parser(f):
-    """The function turning a flag's (or the menu's) text into this field's value."""
-    item = f.metadata.get("item", int)
+    """The function turning a flag's (or the menu's) text into this field's value (an alias such as
+    --scheduler none into the name it stands for, so that checkpoints hold one spelling)."""
+    item, aliases = f.metadata.get("item", int), f.metadata.get("value_aliases", {})
     as_tuple = lambda text: tuple(item(p) for p in str(text).replace(",", " ").split())  # noqa: E731
-    return {bool: parse_bool, tuple: as_tuple, int: int, float: float}.get(type(f.default), str)
+    as_str = lambda text: aliases.get(text, text)  # noqa: E731
+    return {bool: parse_bool, tuple: as_tuple, int: int, float: float}.get(type(f.default), as_str)
 
 
 def _typed(parse, name):
