@@ -6,7 +6,9 @@
     python plot_loss.py checkpoints/quick_test_ts100 --progress   # also insist on the preview GIF
 
 The figure shows the raw and smoothed loss on a log axis, the learning rate on a second axis,
-and marks epoch boundaries, resume points and warm restarts of the learning rate. When the run
+and marks epoch boundaries, resume points and warm restarts of the learning rate; below, the loss
+by timestep quartile, the validation loss and FID, and the denoising PSNR at four noise levels,
+each with a plateau verdict. It also warns when the logged LR spent a fifth of the run at its floor. When the run
 has preview grids (samples/<run>/epoch_*.png), progress.gif beside the plot shows them epoch by
 epoch, each frame labelled with its epoch.
 """
@@ -153,13 +155,30 @@ def lr_schedule_check(step, lr, session=None, low=0.01):
 
 
 QUARTILES = ("loss_q0", "loss_q1", "loss_q2", "loss_q3")
+PSNR_T = (50, 250, 500, 750)  # train_ddpm.py's DENOISING_T: the t (of a 1,000-step chain) of each psnr_t column
+
+
+def psnr_plateau(values, min_gain=0.1):
+    """Whether a denoising PSNR series (one value per evaluation) still rises: the best of its last
+    third against the best before, in dB. Returns (verdict, explanation)."""
+    if len(values) < 4:
+        return "too early", f"{len(values)} evaluations; a verdict needs 4"
+    k = max(2, len(values) // 3)
+    gain = values[-k:].max() - values[:-k].max()
+    verdict = "still improving" if gain > min_gain else "plateaued"
+    return verdict, f"{gain:+.2f} dB in the last {k} evaluations"
+
+
+def has_column(log, name):
+    return name in log and not np.isnan(log[name]).all()
 
 
 def plot(log, out, smooth_window, title):
     train = rows_with(log, "loss")
     has_quartiles = all(q in log for q in QUARTILES) and not np.isnan(log["loss_q0"]).all()
-    has_val = any(name in log and not np.isnan(log[name]).all() for name in ("val_loss", "fid"))
-    extra = has_quartiles + has_val
+    has_val = any(has_column(log, name) for name in ("val_loss", "fid"))
+    has_psnr = has_column(log, "psnr_t50")
+    extra = has_quartiles + has_val + has_psnr
     fig, axes = plt.subplots(1 + extra, 1, figsize=(11, 5.5 + 2.8 * extra), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [2] + [1] * extra})
     plot_loss_and_lr(axes[0, 0], train, smooth_window)
@@ -170,6 +189,9 @@ def plot(log, out, smooth_window, title):
         row += 1
     if has_val:
         plot_evaluations(axes[row, 0], log)
+        row += 1
+    if has_psnr:
+        plot_psnr(axes[row, 0], log)
     axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -205,6 +227,17 @@ def plot_evaluations(ax, log):
         axis.set_ylabel(name.replace("_", " "), color=colour)
         axis.legend(fontsize=8, loc="upper right" if axis is ax else "upper center")
     ax.grid(True, alpha=0.25)
+
+
+def plot_psnr(ax, log):
+    """The PSNR of the one-step x_0 prediction on the held-out images at each fixed t: low t is fine
+    detail, high t the layout; each curve flattening says that noise level has stopped improving."""
+    for k in PSNR_T:
+        rows = rows_with(log, f"psnr_t{k}")
+        ax.plot(rows["step"], rows[f"psnr_t{k}"], marker="o", markersize=3, label=f"t = {k} of 1000")
+    ax.set_ylabel("PSNR of x_0 from x_t (dB)")
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8, ncol=4, loc="lower right")
 
 
 def plot_loss_and_lr(ax, log, smooth_window):
@@ -320,9 +353,15 @@ def main(argv=None):
     verdict, detail = plateau_diagnostic(train["loss"])
     print(f"final loss {train['loss'][-1]:.4f} at step {int(train['step'][-1]):,}")
     for name, label in (("val_loss", "validation loss"), ("fid", "FID")):
-        if name in log and not np.isnan(log[name]).all():
+        if has_column(log, name):
             values = rows_with(log, name)[name]
             print(f"{label} {values[-1]:.4f} (best {values.min():.4f})")
+    for k in PSNR_T:
+        if has_column(log, f"psnr_t{k}"):
+            values = rows_with(log, f"psnr_t{k}")[f"psnr_t{k}"]
+            verdict, detail = psnr_plateau(values)
+            print(f"denoising PSNR at t={k} (of 1000): {values[-1]:.2f} dB (best {values.max():.2f}): {verdict} "
+                  f"({detail})")
     print(f"plateau check: {verdict} ({detail})")
     for line in lr_schedule_check(train["step"], train["lr"], train.get("session")):
         print(line)

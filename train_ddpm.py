@@ -1676,8 +1676,13 @@ def step_unless(bad, optimizer, scaler):
 
 # Training rows fill loss..images_per_s; the row written after each epoch's evaluation fills val_loss
 # (and fid, on --fid_every epochs).
+DENOISING_T = (50, 250, 500, 750)  # where validation reports denoising quality: t of a 1,000-step chain
+PSNR_CAP = 100.0  # dB: an exact prediction's PSNR, instead of infinity
+
+
 LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "grad_norm",
-                    "bad_steps", "images_per_s", "elapsed_s", "session", "val_loss", "fid")
+                    "bad_steps", "images_per_s", "elapsed_s", "session", "val_loss", "fid",
+                    *(f"val_loss_t{k}" for k in DENOISING_T), *(f"psnr_t{k}" for k in DENOISING_T))
 
 
 def csv_text(columns, rows):
@@ -1814,22 +1819,40 @@ class Meter:
 
 class Validator:
     """The loss on held-out images at fixed timesteps (evenly covering [0, T), shuffled) and fixed
-    noise, so that its value is comparable from epoch to epoch."""
+    noise, so that its value is comparable from epoch to epoch; and, at each t of DENOISING_T (scaled
+    to the run's T), the loss there and the PSNR of the one-step prediction of x_0 from x_t with the
+    same fixed noise: how well the model denoises at each noise level, in decibels."""
 
     def __init__(self, images, num_timesteps, seed, batch_size):
         g, n = torch.Generator().manual_seed(seed + 2), len(images)
         self.images, self.batch_size = images, batch_size
         self.t = (torch.arange(n) * num_timesteps // n)[torch.randperm(n, generator=g)].to(images.device)
         self.noise = torch.randn(images.shape, generator=g).to(images.device)
+        self.denoising_t = [min(num_timesteps - 1, round(k * num_timesteps / 1000)) for k in DENOISING_T]
 
     @torch.no_grad()
-    def loss(self, model, diffusion):
-        total = torch.zeros((), device=self.images.device)
+    def metrics(self, model, diffusion):
+        """{val_loss, val_loss_t50, ..., psnr_t50, ...}: the PSNR of x_0's prediction on [-1, 1] (peak
+        to peak 2, as 0..255 pixels' 255), capped at PSNR_CAP; one host sync."""
+        sums = torch.zeros(1 + 2 * len(self.denoising_t), device=self.images.device)
         for i in range(0, len(self.images), self.batch_size):
             x_start = self.images[i:i + self.batch_size].float() / 127.5 - 1
-            total += diffusion.training_losses(model, x_start, self.t[i:i + self.batch_size],
-                                               self.noise[i:i + self.batch_size]).sum()
-        return total.item() / len(self.images)
+            noise = self.noise[i:i + self.batch_size]
+            sums[0] += diffusion.training_losses(model, x_start, self.t[i:i + self.batch_size], noise).sum()
+            for j, step in enumerate(self.denoising_t):
+                t = torch.full((len(x_start),), step, device=x_start.device)
+                x_t = diffusion.q_sample(x_start, t, noise)
+                eps = model(x_t, t).float()
+                x0 = diffusion.predict_xstart_from_eps(x_t, t, eps)
+                sums[1 + 2 * j] += (eps - noise).square().mean(dim=(1, 2, 3)).sum()
+                sums[2 + 2 * j] += (x0 - x_start).square().mean(dim=(1, 2, 3)).sum()
+        values = [v / len(self.images) for v in sums.tolist()]
+        out = {"val_loss": values[0]}
+        for j, k in enumerate(DENOISING_T):
+            mse = values[2 + 2 * j]
+            out[f"val_loss_t{k}"] = values[1 + 2 * j]
+            out[f"psnr_t{k}"] = min(PSNR_CAP, 10 * math.log10(4 / mse)) if mse > 0 else PSNR_CAP
+        return out
 
 
 def write_preview(run, epoch):
@@ -2209,13 +2232,22 @@ def end_of_epoch(run, stop, signals, log, saver):
     return stop or ("signal" if agreed_signal(signals, procs, run.device) else None)
 
 
+def metrics_line(metrics):
+    """An epoch's evaluation in one line: the validation loss, FID and the PSNR at each t."""
+    parts = [f"{name} {metrics[name]:.5f}" for name in ("val_loss", "fid") if name in metrics]
+    if "psnr_t50" in metrics:
+        parts.append("PSNR of x_0 from x_t at t=" + "/".join(map(str, DENOISING_T)) + " (of 1000): "
+                     + "/".join(f"{metrics[f'psnr_t{k}']:.1f}" for k in DENOISING_T) + " dB")
+    return "  ".join(parts) + " (EMA weights)"
+
+
 def evaluate(run, log, epoch, finished):
     """Validation loss (and FID on --fid_every epochs) of the EMA weights after an epoch, logged.
     Returns (improved on the best so far, early stopping says stop)."""
     cfg, state = run.cfg, run.state
     metrics = {}
     if run.validator is not None:
-        metrics["val_loss"] = run.validator.loss(run.ema_forward, run.diffusion)
+        metrics.update(run.validator.metrics(run.ema_forward, run.diffusion))
     if run.fid is not None and (epoch % cfg.fid_every == 0 or finished):
         metrics["fid"] = run.fid(run.ema_forward, run.diffusion, state.step)
     if not metrics:
@@ -2223,7 +2255,7 @@ def evaluate(run, log, epoch, finished):
     log.write(step=state.step, epoch=f"{state.step / run.n_batches:.4f}", elapsed_s=f"{state.meter.elapsed():.1f}",
               session=state.session, **{name: f"{value:.6f}" for name, value in metrics.items()})
     run.board.scalars("eval", metrics, state.step)
-    tqdm.write("  ".join(f"{name} {value:.5f}" for name, value in metrics.items()) + " (EMA weights)")
+    tqdm.write(metrics_line(metrics))
     monitored = metrics.get("fid" if cfg.fid_every else "val_loss")
     if monitored is None:
         return False, False

@@ -39,7 +39,8 @@ TINY = ["--preset", "quick_test", "--train_subset", "0", "--batch_size", "16", "
         "--preview_steps", "5", "--num_preview", "4", "--base_channels", "16", "--timesteps", "20",
         "--beta_start", "0.005", "--beta_end", "0.999", "--warmup_steps", "2"]
 LOSS_LOG_HEADER = ("step,epoch,loss,loss_q0,loss_q1,loss_q2,loss_q3,lr,grad_norm,bad_steps,images_per_s,elapsed_s,"
-                   "session,val_loss,fid")
+                   "session,val_loss,fid,val_loss_t50,val_loss_t250,val_loss_t500,val_loss_t750,psnr_t50,psnr_t250,"
+                   "psnr_t500,psnr_t750")
 CHECKPOINT_KEYS = {"model", "ema", "optimizer", "scheduler", "scaler", "epoch", "step", "config", "loss_log_step"}
 # No run may reach the internet: a refused proxy makes a CIFAR-10 download fail at once.
 OFFLINE = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
@@ -846,6 +847,9 @@ def test_validation_and_quartile_losses_are_logged_and_best_pt_is_kept(cifar_wit
     train_rows = [r for r in rows if r["loss"]]
     assert [int(r["step"]) for r in val_rows] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     assert all(float(r["val_loss"]) > 0 for r in val_rows)
+    for k in (50, 250, 500, 750):  # the denoising PSNR and loss at each fixed t, logged with every validation
+        assert all(-100 < float(r[f"psnr_t{k}"]) < 100 and float(r[f"val_loss_t{k}"]) > 0 for r in val_rows)
+    assert "PSNR of x_0 from x_t at t=50/250/500/750" in result.stdout
     for r in train_rows:  # the quartile losses average to the loss, weighted by their (unknown) counts
         quartiles = [float(r[f"loss_q{q}"]) for q in range(4) if r[f"loss_q{q}"]]
         assert min(quartiles) - 1e-6 <= float(r["loss"]) <= max(quartiles) + 1e-6
