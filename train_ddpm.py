@@ -3271,24 +3271,90 @@ def ask_until_valid(prompt, parse, ask):
             print(f"  {e}; try again")
 
 
+CIFAR10_TRAIN_IMAGES = 50_000
+
+
+def training_flops_per_image(cfg):
+    """FLOPs of training on one image: the UNet's forward as PyTorch's FlopCounterMode counts it on
+    meta tensors (convolutions, matmuls and attention as matmuls; no memory, no weights), times 3
+    for forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes=10 if cfg.class_conditional else 0)
+        x, t = torch.zeros(1, 3, cfg.image_size, cfg.image_size), torch.zeros(1, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t)
+    return 3 * counter.get_total_flops()
+
+
+def measure_training_rate(device):
+    """(FLOP/s, preset) this machine trains at: two timed train_steps, after one untimed, of the
+    cpu_hour UNet on a CPU, or of cifar10_optimized's on a GPU, at those presets' batch sizes and
+    in the precision and layout they get here."""
+    name = "cpu_hour" if device.type == "cpu" else "cifar10_optimized"
+    cfg = preset_config(name, {})
+    model, batch = build_model(cfg).to(device), cfg.batch_size
+    forward = Precision(model, device, autocast_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device))
+    diffusion, optimizer = build_diffusion(cfg).to(device), build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    shape = (batch, 3, cfg.image_size, cfg.image_size)
+    step = Batch(torch.zeros(shape, device=device), torch.arange(batch, device=device) * 31 % cfg.timesteps,
+                 torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device), None)
+    for i in range(3):
+        if i == 1:
+            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            start = time.perf_counter()
+        train_step(forward, diffusion, step, optimizer, scaler, cfg.grad_clip)
+    torch.cuda.synchronize(device) if device.type == "cuda" else None
+    return training_flops_per_image(cfg) * batch * 2 / (time.perf_counter() - start), name
+
+
+def estimated_seconds(cfg, flops_per_second):
+    """How long a run of cfg trains at this rate: its planned images on CIFAR-10 (or its
+    --train_subset) times its FLOPs per image; --max_minutes caps it."""
+    images_per_epoch = cfg.train_subset or CIFAR10_TRAIN_IMAGES
+    images = planned_steps(cfg, steps_per_epoch(images_per_epoch, cfg.batch_size)) * cfg.batch_size
+    seconds = training_flops_per_image(cfg) * images / flops_per_second
+    return min(seconds, 60 * cfg.max_minutes) if cfg.max_minutes else seconds
+
+
+def duration_text(seconds):
+    for unit, length in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds >= 1.5 * length or unit == "minute":
+            count = max(1, round(seconds / length))
+            return f"about {count} {unit}{'s' if count > 1 else ''}"
+
+
+def menu_default_preset(has_cuda):
+    """The menu's Enter choice: the recommended start on a GPU; without one, the preset made for an
+    hour of a CPU (the others take days there). Runs without a menu keep DEFAULT_PRESET, so that a
+    command means the same run on every machine."""
+    return DEFAULT_PRESET if has_cuda else "cpu_hour"
+
+
 def interactive_config(explicit, ask=input):
-    """A numbered preset menu, then each main hyperparameter with its default (Enter keeps it).
-    Fields given as flags are not asked."""
-    names = list(PRESETS)
-    print("Presets:")
+    """A numbered preset menu with each preset's estimated training time on this machine, then each
+    main hyperparameter with its default (Enter keeps it). Fields given as flags are not asked."""
+    names, device = list(PRESETS), pick_device(explicit.get("device", "auto"))
+    print("timing two training steps to estimate each preset's time on this machine...", flush=True)
+    rate, timed = measure_training_rate(device)
+    default = menu_default_preset(device.type == "cuda")
+    print(f"Presets (time here: each preset's training FLOPs at the {rate / 1e9:.0f} GFLOP/s that 2 steps of "
+          f"{timed}'s UNet just took on this {'GPU' if device.type == 'cuda' else 'CPU'}):")
     for i, name in enumerate(names, 1):
-        print(f"  {i}. {name:<18} {preset_summary(name)}")
-    default_index = names.index(DEFAULT_PRESET) + 1
+        print(f"  {i}. {name:<18} {preset_summary(name)}; "
+              f"{duration_text(estimated_seconds(preset_config(name, {}), rate))} here")
+    default_index = names.index(default) + 1
 
     def parse_choice(answer):
         if answer in PRESETS or not answer:
-            return answer or DEFAULT_PRESET
+            return answer or default
         if answer.isdigit() and 1 <= int(answer) <= len(names):
             return names[int(answer) - 1]
         raise ValueError(f"choose 1-{len(names)} or a preset name")
 
     preset = explicit.get("preset") or ask_until_valid(
-        f"Choose a preset [1-{len(names)}, Enter = {default_index} {DEFAULT_PRESET}]: ", parse_choice, ask)
+        f"Choose a preset [1-{len(names)}, Enter = {default_index} {default}]: ", parse_choice, ask)
     cfg = preset_config(preset, explicit)
     print(f"Settings for {preset} (Enter keeps the value in brackets):")
     for name in [name for name in MENU_FIELDS if name not in explicit]:

@@ -444,6 +444,13 @@ def test_the_menu_on_a_terminal_asks_only_what_the_flags_leave_open_and_reasks_b
     # numbered presets, then the questions
     assert re.search(r"^\s*\d+\.\s+quick_test\s", transcript, re.M) and re.search(r"^\s*\d+\.\s+cifar10\s", transcript, re.M)
     assert fields[0] == "preset"
+    # the machine decides the Enter choice (no GPU: the CPU-hour preset), and every preset says its time here
+    default = "cifar10_optimized" if torch.cuda.is_available() else "cpu_hour"
+    assert re.search(rf"Enter = \d+ {default}\]", prompts[0]), prompts[0]
+    preset_lines = re.findall(r"^\s*\d+\.\s+\w+\s.*$", transcript, re.M)
+    assert len(preset_lines) == len(importlib.import_module("train_ddpm").PRESETS)
+    assert all(re.search(r"; about \d+ (minute|hour|day)s? here", line) for line in preset_lines), preset_lines
+    assert "GFLOP/s" in transcript
     assert fields[1:3] == ["learning_rate", "learning_rate"], "a bad value is asked again"
     assert "[0.001]" in prompts[1], "the default shown is the chosen preset's"
     between = transcript.split(prompts[1], 1)[1].split(prompts[2], 1)[0]
