@@ -12,11 +12,12 @@ folders); a reader who stops at the extras has read the whole method.
     python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler ddim --sampling_steps 50
     python train_ddpm.py --mode sample --checkpoint checkpoints/quick_test_ts100 --sampler dpmpp2m --sampling_steps 20
     python train_ddpm.py --mode eval --checkpoint checkpoints/quick_test_ts100 --num_samples 2000
+    python train_ddpm.py --mode lr_find --preset cpu_hour                # loss against LR; a suggested LR
 
 Presets: quick_test, cpu_hour, cifar10, cifar10_optimized, cifar10_cond, ddpm_paper, best_quality,
 fastest, low_memory, gpu_speedrun.
 
-Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule);
+Papers: Ho, Jain & Abbeel 2020 (DDPM); Smith 2017 (the learning-rate range test); Nichol & Dhariwal 2021 (cosine schedule);
 Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free
 guidance); Saharia et al. 2022 (dynamic thresholding); Karras et al. 2024 (EDM2's power-function and
 post-hoc EMA; autoguidance); Karras et al. 2022 (EDM: training's log-normal noise levels).
@@ -3171,8 +3172,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser():
     parser = OneLineErrorParser(prog="train_ddpm.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--mode", choices=("train", "sample", "eval"), default="train",
-                        help="train a model, sample images from a checkpoint, or eval: FID and KID of its samples")
+    parser.add_argument("--mode", choices=("train", "sample", "eval", "lr_find"), default="train",
+                        help="train a model, sample images from a checkpoint, eval: FID and KID of its samples, or "
+                             "lr_find: the loss against an exponentially rising LR, and a suggested --learning_rate")
     parser.add_argument("--resume", metavar="latest|auto|PATH",
                         help="continue a run: 'latest' (newest checkpoint of --run_name), 'auto' (latest, or "
                              "start the run when it has none yet: for cluster jobs) or a checkpoint path")
@@ -3192,6 +3194,12 @@ def build_parser():
     parser.add_argument("--num_gpus", type=int, default=None, metavar="N", help="run on N GPUs of this machine: "
                         "relaunches this command under torchrun with DistributedDataParallel (training) or N shards "
                         "of the samples (sample, eval); with --device cpu, N CPU processes")
+    finder = parser.add_argument_group("learning-rate finder (--mode lr_find, with the run's training flags)")
+    finder.add_argument("--lr_find_steps", type=int, default=200, help="steps of the LR ramp")
+    finder.add_argument("--lr_find_min", type=float, default=1e-6, help="the ramp's first LR")
+    finder.add_argument("--lr_find_max", type=float, default=1.0, help="the ramp's last LR (it stops early when "
+                                                                       "the loss diverges)")
+    finder.add_argument("--lr_find_dir", default="lr_find", help="where the plot and CSV go (never a run folder)")
     sample = parser.add_argument_group("sampling (--mode sample)")
     evaluate = parser.add_argument_group("evaluation (--mode eval; needs pip install pytorch-fid)")
     for f in dataclasses.fields(SampleConfig):
@@ -3446,6 +3454,8 @@ def main(argv=None):
             run_sample(SampleConfig.of(args))
         elif args.mode == "eval":
             run_eval(SampleConfig.of(args))
+        elif args.mode == "lr_find":
+            run_lr_find(args)
         else:
             cfg, ckpt = resolve_train_config(args)
             width = max(map(len, CONFIG_FIELDS))
@@ -3533,6 +3543,149 @@ def save_nearest_picture(samples, train, indices, path, title):
         for c, i in enumerate(row):  # a 6-pixel gap sets the sample apart from the training images
             canvas.paste(Image.fromarray(train[i]), (6 + (c + 1) * (size + gap), top + r * (size + gap)))
     atomic_write(path, lambda f: canvas.save(f, format="png"))
+
+
+# --- Extras: the learning-rate finder (--mode lr_find) -------------------------------------------
+
+class LRFinding(NamedTuple):
+    """One exponential LR ramp: the LR and loss of every step, the smoothed loss, and the two LRs it
+    names (None when the loss never fell)."""
+    lrs: np.ndarray
+    losses: np.ndarray
+    smoothed: np.ndarray
+    suggested: Optional[float]
+    largest_stable: Optional[float]
+
+
+def running_loss(losses, beta=0.9):
+    """The ramp's loss so far, an exponential moving average with its start-up bias divided out (as
+    fastai's finder keeps it), to stop the ramp once it diverges."""
+    average = 0.0
+    for i, loss in enumerate(losses, 1):
+        average = beta * average + (1 - beta) * loss
+    return average / (1 - beta ** len(losses))
+
+
+def centered_mean(values, half):
+    """The mean of values[i - half : i + half + 1] at each i (fewer at the ends): smoothing that,
+    unlike a moving average of the past, does not shift the curve towards larger LRs."""
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    lo = np.clip(np.arange(len(values)) - half, 0, None)
+    hi = np.clip(np.arange(len(values)) + half + 1, None, len(values))
+    return (sums[hi] - sums[lo]) / (hi - lo)
+
+
+def read_lr_ramp(lrs, losses):
+    """The suggested LR, where the smoothed loss falls fastest against log LR before its minimum (the
+    steepest-descent rule of Smith 2017 and fastai), and the largest stable one, where the smoothed
+    loss is lowest (above it the loss rises: the LR is too large to keep training on). Smoothed over
+    a twentieth of the ramp, centred."""
+    smoothed = centered_mean(losses, max(2, len(losses) // 40))
+    lowest = int(np.argmin(smoothed))
+    if lowest < 2:
+        return LRFinding(lrs, losses, smoothed, None, None)
+    slope = np.gradient(smoothed[:lowest + 1], np.log(lrs[:lowest + 1]))
+    return LRFinding(lrs, losses, smoothed, float(lrs[int(np.argmin(slope))]), float(lrs[lowest]))
+
+
+def lr_ramp(cfg, steps, lr_min, lr_max, device):
+    """Train cfg's model from its seed's initialisation on its own data and batch for `steps` steps,
+    the LR rising exponentially from lr_min to lr_max, and record each step's loss. One ramp and not
+    a short run per LR: the same information in one run's time (Smith 2017). Every step uses the
+    same timesteps, evenly covering [0, T), so that the diffusion loss's spread over t does not
+    hide the LR's effect. It stops early once the smoothed loss is 4x its lowest (diverged)."""
+    torch.manual_seed(cfg.seed)
+    data = load_training_data(cfg, Processes(), device)
+    model = build_model(cfg, len(data.class_names)).to(device).train()
+    amp_dtype = autocast_dtype(cfg.amp, device)
+    forward = Precision(model, device, amp_dtype, use_channels_last(cfg.channels_last, device))
+    diffusion, optimizer = build_diffusion(cfg).to(device), build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    t = (torch.arange(cfg.batch_size) * cfg.timesteps // cfg.batch_size).to(device)
+    n_batches = steps_per_epoch(len(data.images), cfg.batch_size)
+    batches = (batch for epoch in range(steps // n_batches + 1)
+               for batch in epoch_batches(data.images, cfg.batch_size, epoch, cfg.seed, cfg.flip, labels=data.labels))
+    noise_generator = torch.Generator(device)
+    lrs, losses, running = lr_min * (lr_max / lr_min) ** (np.arange(steps) / max(1, steps - 1)), [], []
+    for step in tqdm(range(steps), desc="lr_find", unit="step", dynamic_ncols=True):
+        for group in optimizer.param_groups:
+            group["lr"] = float(lrs[step])
+        x_start, y = next(batches)
+        noise_generator.manual_seed(derived_seed(cfg.seed, step, BATCH_NOISE))
+        noise = torch.randn(x_start.shape, generator=noise_generator, device=device)
+        y = drop_labels(y, cfg.class_dropout, cfg.seed, step, cfg.batch_size)
+        torch.manual_seed(derived_seed(cfg.seed, step, DROPOUT))
+        _, step_losses, _ = train_step(forward, diffusion, Batch(x_start, t, noise, y), optimizer, scaler, cfg.grad_clip)
+        losses.append(float(step_losses.float().mean()))
+        running.append(running_loss(losses))
+        if not math.isfinite(losses[-1]) or running[-1] > 4 * min(running):
+            break
+    return read_lr_ramp(lrs[:len(losses)], np.array(losses))
+
+
+def round_lr(lr):
+    return float(f"{lr:.0e}")
+
+
+def lr_find_table(finding, rows=12):
+    """A Markdown table of the smoothed loss at about `rows` LRs evenly spread in log LR."""
+    picks = sorted({round(i * (len(finding.lrs) - 1) / (rows - 1)) for i in range(rows)})
+    lines = ["| learning rate | loss (smoothed) |", "|---|---|"]
+    lines += [f"| {finding.lrs[i]:.2e} | {finding.smoothed[i]:.4f} |" for i in picks]
+    return "\n".join(lines)
+
+
+def save_lr_plot(finding, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(finding.lrs, finding.losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss of each step")
+    ax.plot(finding.lrs, finding.smoothed, color="tab:blue", linewidth=1.8, label="smoothed")
+    for lr, colour, label in ((finding.suggested, "tab:green", "suggested (steepest descent)"),
+                              (finding.largest_stable, "tab:red", "largest stable (lowest loss)")):
+        if lr is not None:
+            ax.axvline(lr, color=colour, linestyle="--", label=f"{label}: {round_lr(lr):g}")
+    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="loss (MSE of the noise)", title=title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def run_lr_find(args):
+    """--mode lr_find: one LR ramp of the run the flags describe (preset and training flags; no menu),
+    its table on stdout, its plot and CSV in --lr_find_dir. No run folder is read or written."""
+    explicit = explicit_config(args)
+    cfg = preset_config(explicit.get("preset", DEFAULT_PRESET), explicit)
+    validate_config(cfg)
+    if args.lr_find_steps < 10:
+        raise UserError("--lr_find_steps must be at least 10")
+    if not 0 < args.lr_find_min < args.lr_find_max:
+        raise UserError(f"need 0 < --lr_find_min < --lr_find_max (got {args.lr_find_min:g} and {args.lr_find_max:g})")
+    folder = Path(args.lr_find_dir)
+    check_writable_folder(folder, "--lr_find_dir")
+    device = pick_device(cfg.device)
+    set_fast_math(cfg.tf32)
+    print(f"lr_find: {cfg.preset} (batch {cfg.batch_size}), LR from {args.lr_find_min:g} to {args.lr_find_max:g} "
+          f"over {args.lr_find_steps} steps on {device}")
+    finding = lr_ramp(cfg, args.lr_find_steps, args.lr_find_min, args.lr_find_max, device)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = unique_stem(folder, f"lr_find_{cfg.run_name or default_run_name(cfg)}")
+    rows = [dict(lr=f"{lr:.6g}", loss=f"{loss:.6f}", smoothed=f"{s:.6f}")
+            for lr, loss, s in zip(finding.lrs, finding.losses, finding.smoothed)]
+    atomic_write_text(csv_text(("lr", "loss", "smoothed"), rows), folder / f"{stem}.csv")
+    save_lr_plot(finding, folder / f"{stem}.png", f"{cfg.preset}, batch {cfg.batch_size}: loss against LR")
+    print(lr_find_table(finding))
+    if finding.suggested is None:
+        print(f"the loss did not fall before diverging; rerun with a lower --lr_find_min than {args.lr_find_min:g}")
+    else:
+        print(f"suggested --learning_rate {round_lr(finding.suggested):g} (where the loss falls fastest); largest "
+              f"stable {round_lr(finding.largest_stable):g} (the lowest loss: above it the loss rises); the "
+              f"preset's is {cfg.learning_rate:g}")
+    print(f"wrote {folder / stem}.png and .csv")
+    return finding
 
 
 # --- Extras: FID and KID (Inception pool3 features, Frechet distance, kernel distance) --------------
