@@ -17,10 +17,11 @@ folders); a reader who stops at the extras has read the whole method.
 Presets: quick_test, cpu_hour, cifar10, cifar10_optimized, cifar10_cond, ddpm_paper, best_quality,
 fastest, low_memory, gpu_speedrun.
 
-Papers: Ho, Jain & Abbeel 2020 (DDPM); Smith 2017 (the learning-rate range test); Nichol & Dhariwal 2021 (cosine schedule);
-Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free
-guidance); Saharia et al. 2022 (dynamic thresholding); Karras et al. 2024 (EDM2's power-function and
-post-hoc EMA; autoguidance); Karras et al. 2022 (EDM: training's log-normal noise levels).
+Papers: Ho, Jain & Abbeel 2020 (DDPM); Nichol & Dhariwal 2021 (cosine schedule); Song, Meng &
+Ermon 2021 (DDIM); Lu et al. 2022 (DPM-Solver++); Ho & Salimans 2022 (classifier-free guidance);
+Saharia et al. 2022 (dynamic thresholding); Karras et al. 2024 (EDM2's power-function and post-hoc
+EMA; autoguidance); Karras et al. 2022 (EDM: training's log-normal noise levels); Smith 2017 (the
+learning-rate range test of --mode lr_find).
 """
 
 import argparse
