@@ -229,6 +229,11 @@ class Config:
                                   "empty: download them once", resume=True)
     tensorboard: bool = _field(False, "also log scalars and preview grids to TensorBoard (pip install tensorboard)",
                                resume=True)
+    wandb: bool = _field(False, "also log to Weights & Biases (pip install wandb): the config, loss rows, "
+                                "validation, FID and preview grids; every session of a run logs to the same W&B "
+                                "run (its id in <run>/wandb_run_id); WANDB_MODE=offline keeps it on this machine",
+                         resume=True)
+    wandb_project: str = _field("train_ddpm", "the W&B project of --wandb", resume=True)
 
 
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -396,6 +401,7 @@ def validate_config(cfg):
         (cfg.fid_every >= 0, "--fid_every must be >= 0 (0 = no FID during training)"),
         (cfg.fid_samples >= 2, "--fid_samples must be at least 2"),
         (cfg.log_every >= 1, "--log_every must be at least 1"),
+        (bool(cfg.wandb_project.strip()), "--wandb_project needs a name"),
         (cfg.sample_every >= 0, "--sample_every must be >= 0 (0 = no previews)"),
         (cfg.num_preview >= 1, "--num_preview must be at least 1"),
         (1 <= cfg.preview_steps <= cfg.timesteps, f"--preview_steps must be in 1..{cfg.timesteps} (the timesteps)"),
@@ -1875,32 +1881,67 @@ def write_preview(run, epoch):
 
 
 class Board:
-    """TensorBoard logging when --tensorboard (and the tensorboard package) is there; else nothing."""
+    """Scalars and preview grids, besides the loss log, to TensorBoard (--tensorboard) and to Weights
+    & Biases (--wandb), each where asked for (on rank 0); both packages are optional, and a missing
+    one is reported before the run writes anything. Board() logs nowhere."""
 
-    def __init__(self, folder=None):
-        self.writer = None
-        if folder is not None:
+    def __init__(self, cfg=None, paths=None):
+        self.writer = self.wandb = None
+        if cfg is not None and cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(folder))
+            self.writer = SummaryWriter(str(paths.checkpoints / "tensorboard"))
+        if cfg is not None and cfg.wandb:
+            self.wandb = start_wandb(cfg, paths)
 
     def scalars(self, prefix, values, step):
+        values = {f"{prefix}/{name}": float(value) for name, value in values.items()
+                  if name not in ("step", "epoch", "session") and value not in ("", None)}
         if self.writer is not None:
             for name, value in values.items():
-                if name not in ("step", "epoch", "session") and value not in ("", None):
-                    self.writer.add_scalar(f"{prefix}/{name}", float(value), step)
+                self.writer.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log({**values, "step": step})
 
     def image(self, name, images, step):
+        if self.writer is None and self.wandb is None:
+            return
+        import torchvision
+        grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(10, len(images)))
         if self.writer is not None:
-            import torchvision
-            grid = torchvision.utils.make_grid((images.clamp(-1, 1) + 1) / 2, nrow=min(10, len(images)))
             self.writer.add_image(name, grid, step)
+        if self.wandb is not None:
+            import wandb
+            pixels = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            self.wandb.log({name: wandb.Image(pixels), "step": step})
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def start_wandb(cfg, paths):
+    """The W&B run of this training run, with its config: the id kept in <run>/wandb_run_id, so that
+    every session of the run (resumes) logs to the same W&B run; its files go to <run>/wandb/.
+    Everything is logged against the optimizer step ("step"), so a resumed session may log again
+    from its checkpoint's step. WANDB_MODE=offline (W&B's own setting) keeps it all on this machine."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    id_file = paths.checkpoints / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else os.urandom(4).hex()  # W&B: 8 of [a-z0-9]
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_id + "\n", id_file)
+    run = wandb.init(project=cfg.wandb_project, name=cfg.run_name, id=run_id, resume="allow", config=asdict(cfg),
+                     dir=str(paths.checkpoints))
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 @dataclass
@@ -2099,7 +2140,7 @@ class Run:
             self.guide = model_from_checkpoint(guide, True, device, cfg.amp, cfg.channels_last)[0]
         self.fid = (FidDuringTraining(cfg, paths, device, data.class_names, self.guide, self.guide_name)
                     if cfg.fid_every and procs.main else None)
-        self.board = Board(paths.checkpoints / "tensorboard" if cfg.tensorboard and procs.main else None)
+        self.board = Board(cfg, paths) if procs.main else Board()
         self.shard = procs.shard(cfg.batch_size)  # this process's images of each global batch
         self.check_every = min(cfg.log_every, cfg.max_bad_steps)  # steps between the stop checks' host syncs (DDP)
         self.noise_generator, self.label_generator = torch.Generator(device), torch.Generator(device)
