@@ -451,3 +451,23 @@ def test_eval_of_a_gpu_run_on_the_gpu_scores_and_logs_its_samples(gpu_run, cifar
     rows = test_cli.read_loss_log(run / "fid_log.csv")
     assert [(r["num_samples"], r["reference_n"], r["precision"]) for r in rows] == [("6", "80", precision)]
     assert np.isfinite(float(rows[0]["fid"])) and np.isfinite(float(rows[0]["kid"]))
+
+
+def test_validation_psnr_on_the_gpu_equals_the_cpu():
+    model = sampling_unet()
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 100, 1e-3, 0.2))
+    cpu = td.Validator(images, 100, seed=0, batch_size=4).metrics(model, diffusion)
+    gpu = td.Validator(images.to(CUDA), 100, seed=0, batch_size=4).metrics(model.to(CUDA), diffusion.to(CUDA))
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:
+        assert gpu[name] == pytest.approx(cpu[name], rel=1e-3, abs=1e-3), name
+
+
+def test_lr_find_and_the_menus_rate_run_on_the_gpu(cifar_dir, tmp_path):
+    result = run_cli(*TINY, "--device", "cuda", "--mode", "lr_find", "--lr_find_steps", "20", "--data_dir", cifar_dir,
+                     cwd=tmp_path)
+    assert_ok(result)
+    assert "| learning rate | loss (smoothed) |" in result.stdout
+    rate, timed = td.measure_training_rate(CUDA)
+    assert rate > 1e9 and timed == "cifar10_optimized"
