@@ -140,7 +140,8 @@ def lr_schedule_check(step, lr, session=None, low=0.01):
     a longer run). Each says which train_ddpm.py flag changes it."""
     lines, peak = [], lr.max()
     spans = np.diff(step, prepend=0.0)  # each row stands for the steps since the previous one
-    below = lr < low * peak
+    warmed = np.arange(len(lr)) >= np.argmax(lr >= 0.99 * peak)  # a warmup's low start is by design
+    below = (lr < low * peak) & warmed
     if spans.sum() > 0 and spans[below].sum() / spans.sum() > 0.2:
         lines.append(f"warning: the LR was below 1% of its peak {peak:g} for {spans[below].sum() / spans.sum():.0%} "
                      f"of the logged steps (from step {int(step[below.argmax()]):,}), which barely train: raise "
@@ -359,9 +360,9 @@ def main(argv=None):
     for k in PSNR_T:
         if has_column(log, f"psnr_t{k}"):
             values = rows_with(log, f"psnr_t{k}")[f"psnr_t{k}"]
-            verdict, detail = psnr_plateau(values)
-            print(f"denoising PSNR at t={k} (of 1000): {values[-1]:.2f} dB (best {values.max():.2f}): {verdict} "
-                  f"({detail})")
+            psnr_verdict, psnr_detail = psnr_plateau(values)
+            print(f"denoising PSNR at t={k} (of 1000): {values[-1]:.2f} dB (best {values.max():.2f}): "
+                  f"{psnr_verdict} ({psnr_detail})")
     print(f"plateau check: {verdict} ({detail})")
     for line in lr_schedule_check(train["step"], train["lr"], train.get("session")):
         print(line)

@@ -30,6 +30,7 @@ import copy
 import csv
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -374,6 +375,7 @@ def validate_config(cfg):
         (cfg.restart_mult >= 1, "--restart_mult must be at least 1"),
         (0 <= cfg.min_lr < cfg.learning_rate, "--min_lr must be >= 0 and below --learning_rate"),
         (cfg.cosine_until >= 0, "--cosine_until must be >= 0 (0 = the run's last step)"),
+        (cfg.cosine_until == 0 or cfg.scheduler == "cosine", "--cosine_until needs --scheduler cosine"),
         (cfg.cosine_until == 0 or cfg.cosine_until > cfg.warmup_steps,
          f"--cosine_until must be after the --warmup_steps {cfg.warmup_steps} (or 0)"),
         (cfg.step_size >= 1, "--step_size must be at least 1 epoch"),
@@ -1535,7 +1537,7 @@ def planned_lrs(cfg, steps_per_epoch, steps):
 
 LOW_LR = 0.01  # "the LR is at its floor": below 1% of the peak
 SCHEDULE_FIXES = {
-    "cosine": "raise --min_lr, or give the cosine more steps with --cosine_until",
+    "cosine": "raise --min_lr",
     "cosine_restarts": "raise --min_lr or --restart_period",
     "step": "raise --step_size or --gamma",
 }
@@ -1546,31 +1548,37 @@ def lr_schedule_warning(cfg, steps_per_epoch, samples=2001):
     the peak LR (a cosine that ends too early, StepLR dropping too often): those steps barely train.
     None when it does not. The schedule is sampled at evenly spaced steps."""
     total = planned_steps(cfg, steps_per_epoch)
-    steps = np.unique(np.linspace(0, total - 1, samples).round())
+    if cfg.scheduler == "cosine" and cfg.cosine_until or total <= cfg.warmup_steps:
+        return None  # a floor asked for by --cosine_until; or all warmup
+    steps = np.unique(np.linspace(cfg.warmup_steps, total - 1, samples).round())  # a warmup starts low by design
     low = planned_lrs(cfg, steps_per_epoch, steps) < LOW_LR * cfg.learning_rate
-    if low.mean() <= 0.2:
+    share = low.mean() * (total - cfg.warmup_steps) / total
+    if share <= 0.2:
         return None
     first = int(steps[low.argmax()])
     return (f"warning: --scheduler {cfg.scheduler} keeps the LR below 1% of its peak {cfg.learning_rate:g} for "
-            f"{low.mean():.0%} of the run's {total:,} steps (from about step {first:,}), which barely train; "
+            f"{share:.0%} of the run's {total:,} steps (from about step {first:,}), which barely train; "
             f"{SCHEDULE_FIXES.get(cfg.scheduler, 'change --scheduler')}")
 
 
 def resume_lr_note(saved, cfg, steps_per_epoch, step):
-    """What the LR does at a resumed run's next step when the run was made longer (--epochs or
-    --max_steps) than the checkpoint planned, said in one line with the flag that does the other;
-    None when the length or the schedule's dependence on it did not change."""
+    """What the LR does at a resumed run's next step when --epochs, --max_steps or --cosine_until
+    moved the end of its cosine (or made a run that ended at its floor longer), said in one line with
+    the flag that does the other; None when the cosine goes on as the checkpoint planned it."""
+    if cfg.scheduler != "cosine":
+        return None
     old_total, new_total = planned_steps(saved, steps_per_epoch), planned_steps(cfg, steps_per_epoch)
-    if cfg.scheduler != "cosine" or old_total == new_total:
+    old_end, new_end = saved.cosine_until or old_total, cfg.cosine_until or new_total
+    if old_end == new_end and (old_total == new_total or step < new_end):
         return None
     before, after = (planned_lrs(plan, steps_per_epoch, [step])[0] for plan in (saved, cfg))  # the old plan, the new
-    if cfg.cosine_until:
-        return (f"note: the cosine LR stays at {after:.3g} (it ends at --cosine_until {cfg.cosine_until:,}); to decay "
-                f"again over the new {new_total:,} steps instead, resume with --cosine_until 0")
-    where = "from its floor" if before <= saved.min_lr * 1.0001 else "from"
-    return (f"note: the cosine LR is re-planned over {new_total:,} steps instead of {old_total:,}: it jumps {where} "
-            f"{before:.3g} to {after:.3g} at step {step:,}; to keep the old plan (its floor {saved.min_lr:g} after "
-            f"step {saved.cosine_until or old_total:,}), resume with --cosine_until {saved.cosine_until or old_total}")
+    if step >= new_end:
+        return (f"note: the LR stays at its floor {after:.3g} (the cosine ended at step {new_end:,}); to decay again "
+                f"over the run's {new_total:,} steps instead, resume with --cosine_until 0")
+    floor = "its floor " if before <= saved.min_lr * 1.0001 else ""
+    return (f"note: the cosine now ends at step {new_end:,} instead of {old_end:,}, so at step {step:,} the LR goes "
+            f"from {floor}{before:.3g} to {after:.3g}; to keep the old plan instead, resume with --cosine_until "
+            f"{old_end}")
 
 
 def timestep_probabilities(alphas_cumprod, logsnr_normal):
@@ -1882,19 +1890,26 @@ def write_preview(run, epoch):
 
 class Board:
     """Scalars and preview grids, besides the loss log, to TensorBoard (--tensorboard) and to Weights
-    & Biases (--wandb), each where asked for (on rank 0); both packages are optional, and a missing
-    one is reported before the run writes anything. Board() logs nowhere."""
+    & Biases (--wandb), each where asked for (on rank 0); both packages are optional. Made when the
+    run is checked, so a missing package is reported before anything is written; start() opens the
+    writers once the run holds its lock. Board() logs nowhere."""
 
     def __init__(self, cfg=None, paths=None):
-        self.writer = self.wandb = None
-        if cfg is not None and cfg.tensorboard:
+        self.cfg, self.paths, self.writer, self.wandb = cfg, paths, None, None
+        for wanted, module, package in ((cfg and cfg.tensorboard, "torch.utils.tensorboard", "tensorboard"),
+                                        (cfg and cfg.wandb, "wandb", "wandb")):
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                if wanted:
+                    importlib.import_module(module)
             except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.writer = SummaryWriter(str(paths.checkpoints / "tensorboard"))
-        if cfg is not None and cfg.wandb:
-            self.wandb = start_wandb(cfg, paths)
+                raise UserError(f"--{package} needs the {package} package: pip install {package}") from None
+
+    def start(self):
+        if self.cfg is not None and self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.paths.checkpoints / "tensorboard"))
+        if self.cfg is not None and self.cfg.wandb:
+            self.wandb = start_wandb(self.cfg, self.paths)
 
     def scalars(self, prefix, values, step):
         values = {f"{prefix}/{name}": float(value) for name, value in values.items()
@@ -1929,10 +1944,7 @@ def start_wandb(cfg, paths):
     every session of the run (resumes) logs to the same W&B run; its files go to <run>/wandb/.
     Everything is logged against the optimizer step ("step"), so a resumed session may log again
     from its checkpoint's step. WANDB_MODE=offline (W&B's own setting) keeps it all on this machine."""
-    try:
-        import wandb
-    except ImportError:
-        raise UserError("--wandb needs the wandb package: pip install wandb") from None
+    import wandb
     id_file = paths.checkpoints / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else os.urandom(4).hex()  # W&B: 8 of [a-z0-9]
     paths.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -2078,6 +2090,7 @@ def train(cfg, resume_from=None):
     procs.barrier()  # every rank has checked the run folder before rank 0 writes into it
     lock = RunLock(paths.checkpoints) if procs.main else None
     try:
+        run.board.start()
         return train_loop(run, resumed=resume_from is not None)
     finally:
         run.board.close()
@@ -3343,8 +3356,9 @@ def measure_training_rate(device):
     in the precision and layout they get here."""
     name = "cpu_hour" if device.type == "cpu" else "cifar10_optimized"
     cfg = preset_config(name, {})
-    model, batch = build_model(cfg).to(device), cfg.batch_size
-    forward = Precision(model, device, autocast_dtype(cfg.amp, device), use_channels_last(cfg.channels_last, device))
+    channels_last, batch = use_channels_last(cfg.channels_last, device), cfg.batch_size
+    model = place_model(build_model(cfg), device, channels_last)
+    forward = Precision(model, device, autocast_dtype(cfg.amp, device), channels_last)
     diffusion, optimizer = build_diffusion(cfg).to(device), build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     shape = (batch, 3, cfg.image_size, cfg.image_size)
@@ -3366,6 +3380,14 @@ def estimated_seconds(cfg, flops_per_second):
     images = planned_steps(cfg, steps_per_epoch(images_per_epoch, cfg.batch_size)) * cfg.batch_size
     seconds = training_flops_per_image(cfg) * images / flops_per_second
     return min(seconds, 60 * cfg.max_minutes) if cfg.max_minutes else seconds
+
+
+def preset_time_here(name, flags, rate):
+    """'about N days here' for the preset with these flags, or why not (flags it does not take)."""
+    try:
+        return f"{duration_text(estimated_seconds(preset_config(name, flags), rate))} here"
+    except (UserError, ValueError, RuntimeError):
+        return "time here unknown with these flags"
 
 
 def duration_text(seconds):
@@ -3391,9 +3413,9 @@ def interactive_config(explicit, ask=input):
     default = menu_default_preset(device.type == "cuda")
     print(f"Presets (time here: each preset's training FLOPs at the {rate / 1e9:.0f} GFLOP/s that 2 steps of "
           f"{timed}'s UNet just took on this {'GPU' if device.type == 'cuda' else 'CPU'}):")
+    flags = {k: v for k, v in explicit.items() if k != "preset"}  # --epochs 10 changes every preset's time
     for i, name in enumerate(names, 1):
-        print(f"  {i}. {name:<18} {preset_summary(name)}; "
-              f"{duration_text(estimated_seconds(preset_config(name, {}), rate))} here")
+        print(f"  {i}. {name:<18} {preset_summary(name)}; {preset_time_here(name, flags, rate)}")
     default_index = names.index(default) + 1
 
     def parse_choice(answer):
@@ -3484,6 +3506,8 @@ def main(argv=None):
         sys.stdout = sys.stderr = open(os.devnull, "w")
         sys.excepthook = lambda *error: traceback.print_exception(*error, file=sys.__stderr__)
     try:
+        if args.mode == "lr_find" and (args.num_gpus is not None or args.resume):
+            raise UserError("--mode lr_find ramps one fresh model in one process: leave out --num_gpus and --resume")
         if args.num_gpus is not None:
             if args.num_gpus < 1:
                 raise UserError("--num_gpus must be at least 1")
@@ -3621,7 +3645,12 @@ def read_lr_ramp(lrs, losses):
     """The suggested LR, where the smoothed loss falls fastest against log LR before its minimum (the
     steepest-descent rule of Smith 2017 and fastai), and the largest stable one, where the smoothed
     loss is lowest (above it the loss rises: the LR is too large to keep training on). Smoothed over
-    a twentieth of the ramp, centred."""
+    a twentieth of the ramp, centred. A diverged (non-finite) end is left out."""
+    finite = np.isfinite(losses)
+    if not finite.all():
+        lrs, losses = lrs[:np.argmin(finite)], losses[:np.argmin(finite)]
+    if len(losses) < 3:
+        return LRFinding(lrs, losses, losses, None, None)
     smoothed = centered_mean(losses, max(2, len(losses) // 40))
     lowest = int(np.argmin(smoothed))
     if lowest < 2:
@@ -3638,9 +3667,9 @@ def lr_ramp(cfg, steps, lr_min, lr_max, device):
     hide the LR's effect. It stops early once the smoothed loss is 4x its lowest (diverged)."""
     torch.manual_seed(cfg.seed)
     data = load_training_data(cfg, Processes(), device)
-    model = build_model(cfg, len(data.class_names)).to(device).train()
-    amp_dtype = autocast_dtype(cfg.amp, device)
-    forward = Precision(model, device, amp_dtype, use_channels_last(cfg.channels_last, device))
+    channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
+    model = place_model(build_model(cfg, len(data.class_names)), device, channels_last).train()
+    forward = Precision(model, device, amp_dtype, channels_last)
     diffusion, optimizer = build_diffusion(cfg).to(device), build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     t = (torch.arange(cfg.batch_size) * cfg.timesteps // cfg.batch_size).to(device)
@@ -3657,7 +3686,9 @@ def lr_ramp(cfg, steps, lr_min, lr_max, device):
         noise = torch.randn(x_start.shape, generator=noise_generator, device=device)
         y = drop_labels(y, cfg.class_dropout, cfg.seed, step, cfg.batch_size)
         torch.manual_seed(derived_seed(cfg.seed, step, DROPOUT))
-        _, step_losses, _ = train_step(forward, diffusion, Batch(x_start, t, noise, y), optimizer, scaler, cfg.grad_clip)
+        batch = Batch(x_start, t, noise, y)
+        _, step_losses, _ = train_step(forward, diffusion, batch, optimizer, scaler, cfg.grad_clip,
+                                       micro_batches=cfg.grad_accum)
         losses.append(float(step_losses.float().mean()))
         running.append(running_loss(losses))
         if not math.isfinite(losses[-1]) or running[-1] > 4 * min(running):

@@ -3,6 +3,7 @@ the loss at fixed t, checked on exact predictors; plot_loss.py's panel and plate
 
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -76,6 +77,8 @@ def test_plot_loss_draws_the_psnr_panel_and_prints_a_verdict_per_noise_level(tmp
     lines = {k: next(line for line in result.stdout.splitlines() if f"PSNR at t={k} " in line) for k in td.DENOISING_T}
     assert "28.00 dB" in lines[50] and "still improving" in lines[50]
     assert all("plateaued" in lines[k] for k in (250, 500, 750))
+    # the loss's own verdict is still the loss's, not the last PSNR's
+    assert re.search(r"^plateau check: (still improving|converged|stalled|too early) ", result.stdout, re.M)
     from PIL import Image
     with Image.open(tmp_path / "p.png") as img:
         assert img.size[1] > 1000, "loss, validation and PSNR panels stacked"

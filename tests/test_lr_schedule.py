@@ -66,12 +66,21 @@ def test_a_steplr_that_drops_too_often_is_warned_about_with_its_numbers_and_fix(
     assert "--step_size" in warning
 
 
-def test_a_cosine_restart_period_of_the_whole_floor_is_warned_about():
+def test_warm_restarts_to_zero_are_not_warned_about_a_warmup_is_not_counted_and_steplr_is():
+    # restarts down to 0: (1 + cos(pi x)) / 2 < 1% only for x > 0.936, 6.4% of each period, never a
+    # fifth; the 5,000 warmup steps of 10,000 start below 1% too, by design, and are not counted
+    cfg = dataclasses.replace(td.Config(), scheduler="cosine_restarts", restart_period=2, epochs=100,
+                              warmup_steps=5000, learning_rate=1e-3, min_lr=0.0)
+    assert td.lr_schedule_warning(cfg, steps_per_epoch=100) is None
+    steps = dataclasses.replace(cfg, scheduler="step", step_size=10, gamma=0.005)  # 5e-6 from step 6,000 on
+    warning = td.lr_schedule_warning(steps, steps_per_epoch=100)
+    assert "40%" in warning and "from about step 6,000" in warning  # 4,000 of the 10,000 steps
+
+
+def test_a_deliberate_floor_of_cosine_until_is_not_warned_about():
     cfg = dataclasses.replace(td.Config(), scheduler="cosine", epochs=100, warmup_steps=0, cosine_until=400,
                               learning_rate=1e-3, min_lr=0.0)
-    warning = td.lr_schedule_warning(cfg, steps_per_epoch=10)  # at its floor from step 400 of 1,000
-    assert warning is not None and "--cosine_until" in warning and "--min_lr" in warning
-    assert 0.55 < float(warning.split("for ")[1].split("%")[0]) / 100 < 0.65
+    assert td.lr_schedule_warning(cfg, steps_per_epoch=10) is None
 
 
 def test_plot_loss_says_the_same_from_the_logged_lr():
@@ -109,9 +118,10 @@ def test_resuming_a_finished_cosine_with_more_epochs_says_the_lr_jumps_and_how_t
     root = copy_of(cosine_run, tmp_path)
     result = run_cli(*TWO, "--resume", "latest", "--epochs", "3", "--data_dir", cifar_dir, cwd=root)
     assert_ok(result)
-    note = next(line for line in result.stderr.splitlines() if line.startswith("note: the cosine LR"))
-    assert "re-planned over 15 steps instead of 5" in note and "from its floor 1e-05" in note
-    assert "--cosine_until 5" in note
+    note = next(line for line in result.stderr.splitlines() if line.startswith("note: the cosine"))
+    assert "now ends at step 15 instead of 5" in note
+    assert "at step 5 the LR goes from its floor 1e-05 to 0.00087" in note
+    assert note.endswith("--cosine_until 5")
     rows = [r for r in read_loss_log(root / "checkpoints" / RUN / "loss_log.csv") if r["lr"]]
     assert float(rows[-1]["lr"]) < 3e-5  # the re-planned cosine's last step, one step before its floor
     assert max(float(r["lr"]) for r in rows if int(r["step"]) > 5) > 0.5e-3  # after climbing back near the peak
@@ -122,7 +132,8 @@ def test_resuming_with_cosine_until_keeps_the_lr_at_its_floor_and_says_so(cosine
     result = run_cli(*TWO, "--resume", "latest", "--epochs", "2", "--cosine_until", "5", "--data_dir", cifar_dir,
                      cwd=root)
     assert_ok(result)
-    assert "stays at 1e-05" in result.stderr and "--cosine_until 0" in result.stderr
+    assert "the LR stays at its floor 1e-05 (the cosine ended at step 5)" in result.stderr
+    assert "over the run's 10 steps instead, resume with --cosine_until 0" in result.stderr
     rows = [r for r in read_loss_log(root / "checkpoints" / RUN / "loss_log.csv") if r["lr"] and int(r["step"]) > 5]
     assert rows and all(float(r["lr"]) == pytest.approx(1e-5) for r in rows)
 
@@ -145,7 +156,8 @@ def test_step_scheduler_through_the_cli_drops_the_logged_lr_every_step_size_epoc
 
 @pytest.mark.parametrize("flags, fragment", [(["--gamma", "0"], "--gamma"), (["--gamma", "1.5"], "--gamma"),
                                              (["--step_size", "0"], "--step_size"),
-                                             (["--cosine_until", "-1"], "--cosine_until"),
+                                             (["--scheduler", "cosine", "--cosine_until", "-1"], "--cosine_until"),
+                                             (["--cosine_until", "50"], "needs --scheduler cosine"),
                                              (["--scheduler", "linear"], "--scheduler")])
 def test_bad_schedule_flags_get_one_line_and_exit_2(flags, fragment, tmp_path):
     result = run_cli(*TINY, *flags, cwd=tmp_path)
