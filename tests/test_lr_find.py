@@ -73,11 +73,17 @@ def test_the_ramp_stops_when_the_loss_diverges(cifar_dir, tmp_path):
         assert len(list(csv.DictReader(f))) < 60
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--lr_find_steps", "5"], "--lr_find_steps"),
-                                             (["--lr_find_min", "1", "--lr_find_max", "0.1"], "--lr_find_min"),
+def test_a_bad_lr_find_flag_gets_one_line_and_exit_2_through_the_cli(tmp_path):
+    result = run_cli(*TINY, "--mode", "lr_find", "--lr_find_steps", "5", cwd=tmp_path)
+    assert_one_line_error(result, "--lr_find_steps")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--lr_find_min", "1", "--lr_find_max", "0.1"], "--lr_find_min"),
                                              (["--batch_size", "0"], "--batch_size"),
                                              (["--num_gpus", "2"], "--num_gpus"), (["--resume", "latest"], "--resume")])
-def test_bad_lr_find_flags_get_one_line_and_exit_2(flags, fragment, tmp_path):
-    result = run_cli(*TINY, "--mode", "lr_find", *flags, cwd=tmp_path)
-    assert_one_line_error(result, fragment)
-    assert list(tmp_path.iterdir()) == []
+def test_every_bad_lr_find_flag_is_refused_by_main_in_one_line(flags, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert td.main([*TINY, "--mode", "lr_find", *flags]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert fragment in line and list(tmp_path.iterdir()) == []

@@ -2,6 +2,7 @@
 a schedule that spends a fifth of the run at its floor, and a cosine re-planned by a resume with
 more epochs. The math against PyTorch's own schedulers; the flags through the real CLI."""
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -154,12 +155,19 @@ def test_step_scheduler_through_the_cli_drops_the_logged_lr_every_step_size_epoc
     assert rows[4] == pytest.approx(1e-3) and rows[6] == pytest.approx(5e-4)  # epoch 2 starts at step 5
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--gamma", "0"], "--gamma"), (["--gamma", "1.5"], "--gamma"),
-                                             (["--step_size", "0"], "--step_size"),
+def test_a_bad_schedule_flag_gets_one_line_and_exit_2_through_the_cli(tmp_path):
+    result = run_cli(*TINY, "--gamma", "0", cwd=tmp_path)
+    assert_one_line_error(result, "--gamma")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [(["--gamma", "1.5"], "--gamma"), (["--step_size", "0"], "--step_size"),
                                              (["--scheduler", "cosine", "--cosine_until", "-1"], "--cosine_until"),
                                              (["--cosine_until", "50"], "needs --scheduler cosine"),
                                              (["--scheduler", "linear"], "--scheduler")])
-def test_bad_schedule_flags_get_one_line_and_exit_2(flags, fragment, tmp_path):
-    result = run_cli(*TINY, *flags, cwd=tmp_path)
-    assert_one_line_error(result, fragment)
-    assert not (tmp_path / "checkpoints").exists()
+def test_every_bad_schedule_flag_is_refused_by_main_in_one_line(flags, fragment, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) if flags[-1] == "linear" else contextlib.nullcontext():
+        assert td.main([*TINY, *flags]) == 2  # argparse's choices exit 2 by themselves
+    (line,) = capsys.readouterr().err.splitlines()
+    assert fragment in line and list(tmp_path.iterdir()) == []
