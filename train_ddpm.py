@@ -3350,17 +3350,24 @@ def training_flops_per_image(cfg):
     return 3 * counter.get_total_flops()
 
 
+def fresh_training_parts(cfg, device, num_classes=0):
+    """(forward, diffusion, optimizer, scaler) of a new model of cfg, placed and called as training
+    places and calls it (layout, precision; never compiled): for the menu's timing and lr_find."""
+    channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
+    model = place_model(build_model(cfg, num_classes), device, channels_last).train()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return (Precision(model, device, amp_dtype, channels_last), build_diffusion(cfg).to(device),
+            build_optimizer(model, cfg), scaler)
+
+
 def measure_training_rate(device):
     """(FLOP/s, preset) this machine trains at: two timed train_steps, after one untimed, of the
     cpu_hour UNet on a CPU, or of cifar10_optimized's on a GPU, at those presets' batch sizes and
     in the precision and layout they get here."""
     name = "cpu_hour" if device.type == "cpu" else "cifar10_optimized"
     cfg = preset_config(name, {})
-    channels_last, batch = use_channels_last(cfg.channels_last, device), cfg.batch_size
-    model = place_model(build_model(cfg), device, channels_last)
-    forward = Precision(model, device, autocast_dtype(cfg.amp, device), channels_last)
-    diffusion, optimizer = build_diffusion(cfg).to(device), build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    forward, diffusion, optimizer, scaler = fresh_training_parts(cfg, device)
+    batch = cfg.batch_size
     shape = (batch, 3, cfg.image_size, cfg.image_size)
     step = Batch(torch.zeros(shape, device=device), torch.arange(batch, device=device) * 31 % cfg.timesteps,
                  torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device), None)
@@ -3667,11 +3674,7 @@ def lr_ramp(cfg, steps, lr_min, lr_max, device):
     hide the LR's effect. It stops early once the smoothed loss is 4x its lowest (diverged)."""
     torch.manual_seed(cfg.seed)
     data = load_training_data(cfg, Processes(), device)
-    channels_last, amp_dtype = use_channels_last(cfg.channels_last, device), autocast_dtype(cfg.amp, device)
-    model = place_model(build_model(cfg, len(data.class_names)), device, channels_last).train()
-    forward = Precision(model, device, amp_dtype, channels_last)
-    diffusion, optimizer = build_diffusion(cfg).to(device), build_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    forward, diffusion, optimizer, scaler = fresh_training_parts(cfg, device, len(data.class_names))
     t = (torch.arange(cfg.batch_size) * cfg.timesteps // cfg.batch_size).to(device)
     n_batches = steps_per_epoch(len(data.images), cfg.batch_size)
     batches = (batch for epoch in range(steps // n_batches + 1)
