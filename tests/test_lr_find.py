@@ -16,21 +16,28 @@ def test_centered_mean_averages_each_point_with_its_neighbours_on_both_sides():
     assert np.allclose(td.centered_mean(values, 1), [1.5, 3.0, 4.0, 5.0, 4.5])
 
 
-def test_the_ramp_is_read_at_its_steepest_descent_and_its_lowest_loss():
+def test_the_ramp_is_read_at_its_lowest_loss_and_the_round_lr_below_it():
     lrs = 1e-6 * (1e6) ** (np.arange(400) / 399)
     x = np.log(lrs)
-    # falls from 1 to 0.5 fastest at lr 1e-3 (a logistic in log lr), rises again above 1e-2
-    losses = 0.5 + 0.5 / (1 + np.exp(2 * (x - np.log(1e-3)))) + np.maximum(0, x - np.log(1e-2)) ** 2
+    # falls from 1 to 0.5 around lr 1e-3 (a logistic in log lr), rises again above 3e-2: lowest near 3e-2
+    losses = 0.5 + 0.5 / (1 + np.exp(2 * (x - np.log(1e-3)))) + np.maximum(0, x - np.log(3e-2)) ** 2
     finding = td.read_lr_ramp(lrs, losses)
-    assert finding.suggested == pytest.approx(1e-3, rel=0.1)
-    assert 0.6e-2 < finding.largest_stable < 1.5e-2  # the smoothing blurs the minimum a little
+    assert 2.0e-2 < finding.largest_stable < 4.5e-2  # the smoothing blurs the minimum a little
+    assert finding.suggested == pytest.approx(2e-2)
+
+
+@pytest.mark.parametrize("lr, expected", [(1.68e-3, 1e-3), (2e-3, 2e-3), (4.99e-4, 2e-4), (9.99e-3, 5e-3),
+                                          (1e-2, 1e-2), (0.7, 0.5), (3e-7, 2e-7)])
+def test_round_lr_down_takes_the_largest_1_2_5_step_not_above_the_lr(lr, expected):
+    assert td.round_lr_down(lr) == pytest.approx(expected, rel=1e-12)
 
 
 def test_a_diverged_end_of_nan_is_left_out_of_the_reading():
     lrs = np.geomspace(1e-6, 1, 200)
     losses = np.concatenate([np.linspace(1, 0.2, 150), np.linspace(0.2, 2, 49), [np.nan]])
     finding = td.read_lr_ramp(lrs, losses)
-    assert finding.largest_stable == pytest.approx(lrs[149], rel=0.2) and finding.suggested < lrs[149]
+    assert finding.largest_stable == pytest.approx(lrs[149], rel=0.2)
+    assert finding.largest_stable / 2.5 < finding.suggested <= finding.largest_stable
     assert len(finding.losses) == 199 and np.isfinite(finding.smoothed).all()
 
 
