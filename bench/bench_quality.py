@@ -23,7 +23,9 @@ own users train it by default, with a UNet of about the same parameter count:
   only its FID during training is off (it downloads Inception weights).
 
 Then each samples --num_samples images with DDIM, 50 steps, eta 0, in its own library (ours also with
-DPM-Solver++(2M), 20 steps), scored by FID@N and KID against one reference: --reference_stats (KID
+DPM-Solver++(2M), 20 steps; with --ema_length S also from the power EMA of length S rebuilt after
+training, and with --guide_epoch E and --guidance_scales that EMA autoguided by the run's own epoch-E
+checkpoint, its EMA of the same length), scored by FID@N and KID against one reference: --reference_stats (KID
 then uses the features of --kid_images random training images) or the whole training set. With
 --real_dir, N held-out real images are scored the same way: the floor of the measurement.
 
@@ -90,24 +92,50 @@ def run_ours(args, key, preset, flags, out):
     ckpt = td.read_checkpoint(td.resolve_checkpoint_path(str(out / "checkpoints" / key)))
     params = td.count_parameters(td.build_model(td.config_from_dict(ckpt["config"])))
     rows = []
-    for sampler, sampling_steps in (("ddim", DDIM_STEPS), ("dpmpp2m", 20))[:1 if key == "ours_paper" else 2]:
-        folder = out / key / f"{sampler}{sampling_steps}"
+    for sampler, flags in our_samplings(args, key, out / "checkpoints" / key, cfg.timesteps):
+        folder = out / key / variant_slug(sampler)
         start = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "train_ddpm.py"), "--mode", "sample", "--checkpoint",
-                        str(out / "checkpoints" / key), "--sampler", sampler, "--sampling_steps", str(sampling_steps),
-                        "--eta", "0", "--num_samples", str(args.num_samples), "--seed", str(args.seed),
-                        "--out", str(folder)], check=True)
+                        str(out / "checkpoints" / key), *flags, "--eta", "0", "--num_samples", str(args.num_samples),
+                        "--seed", str(args.seed), "--out", str(folder)], check=True)
         seconds = time.perf_counter() - start
         images = np.load(next(folder.glob("*.npz")))["arr_0"]
-        rows.append(sample_row(out, key, sampler, sampling_steps, seconds, images))
+        rows.append(sample_row(out, key, sampler, seconds, images))
     return dict(params=params, batch=cfg.batch_size, steps=steps, train_seconds=train_seconds, rows=rows)
 
 
-def sample_row(out, key, sampler, steps, seconds, images):
-    path = out / key / f"samples_{sampler}{steps}.npz"
+def our_samplings(args, key, run, timesteps):
+    """(label, train_ddpm.py flags) of each way a run of ours is sampled: DDIM 50 (the peers' sampler)
+    and, for the main row, DPM-Solver++(2M) 20; with --ema_length also the power EMA of that length
+    rebuilt after training, and with --guide_epoch that EMA autoguided by the run's own checkpoint of
+    that epoch (its EMA of the same length) at each --guidance_scales w."""
+    ddim, dpm = f"ddim {DDIM_STEPS}", "dpmpp2m 20"
+    samplings = [(ddim, ["--sampler", "ddim", "--sampling_steps", str(DDIM_STEPS)])]
+    if key == "ours_paper":
+        return samplings
+    samplings.append((dpm, ["--sampler", "dpmpp2m", "--sampling_steps", "20"]))
+    if args.ema_length:
+        length, ema = f"{args.ema_length:g}", f"{dpm}, EMA {args.ema_length:g}"
+        samplings.append((ema, samplings[-1][1] + ["--ema_length", length]))
+        guide = ["--guide", str(run / f"ddpm_ts{timesteps}_epoch{args.guide_epoch:04d}.pt"),
+                 "--guide_ema_length", length]
+        samplings += [(f"{ema}, autoguided by epoch {args.guide_epoch}, w {w:g}",
+                       samplings[-1][1] + guide + ["--guidance_scale", f"{w:g}"])
+                      for w in args.guidance_scales if args.guide_epoch]
+    return samplings
+
+
+def variant_slug(label):
+    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
+
+
+def sample_row(out, key, sampler, seconds, images):
+    """A contender's sampling: its images saved as OUT/<key>/samples_<sampler>.npz; sampler is its label
+    in the table, e.g. 'ddim 50'."""
+    path = out / key / f"samples_{variant_slug(sampler)}.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images)
-    return dict(sampler=sampler, steps=steps, seconds=seconds, samples=str(path.relative_to(out)))
+    return dict(sampler=sampler, seconds=seconds, samples=str(path.relative_to(out)))
 
 
 def shuffled_batches(n, batch, steps, seed):
@@ -164,7 +192,7 @@ def run_diffusers(args, cfg, out):
         generator = torch.Generator().manual_seed(args.seed * 100_003 + k)
         result = pipeline(batch_size=n, generator=generator, num_inference_steps=DDIM_STEPS, eta=0.0, output_type="np")
         parts.append(np.round(result.images * 255).clip(0, 255).astype(np.uint8))
-    row = sample_row(out, "diffusers", "ddim", DDIM_STEPS, time.perf_counter() - start, np.concatenate(parts))
+    row = sample_row(out, "diffusers", f"ddim {DDIM_STEPS}", time.perf_counter() - start, np.concatenate(parts))
     return dict(params=td.count_parameters(model), batch=PEER_BATCH, steps=steps, train_seconds=train_seconds,
                 rows=[row])
 
@@ -203,7 +231,7 @@ def run_lucidrains(args, params, out):
         for first in tqdm(range(0, args.num_samples, args.sample_batch), desc="lucidrains sampling"):
             x = sampler.sample(batch_size=min(args.sample_batch, args.num_samples - first))  # DDIM, eta 0, [0, 1]
             parts.append((x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    row = sample_row(out, "lucidrains", "ddim", DDIM_STEPS, time.perf_counter() - start, np.concatenate(parts))
+    row = sample_row(out, "lucidrains", f"ddim {DDIM_STEPS}", time.perf_counter() - start, np.concatenate(parts))
     return dict(params=td.count_parameters(model), batch=PEER_BATCH, steps=steps, train_seconds=train_seconds,
                 rows=[row])
 
@@ -232,6 +260,9 @@ def cached_or_run(args, key, cfg, params, out):
     """The contender's result, from OUT/<key>/result.json when it was made with these settings."""
     settings = dict(images=args.images, num_samples=args.num_samples, seed=args.seed, preset=args.preset,
                     train_flags=args.train_flags, data_dir=str(Path(args.data_dir).resolve()))
+    if key == "ours":
+        settings["samplings"] = [[label, flags] for label, flags in
+                                 our_samplings(args, key, out / "checkpoints" / key, cfg.timesteps)]
     path = out / key / "result.json"
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -326,6 +357,12 @@ def main():
     parser.add_argument("--preset", default="cpu_hour", help="our preset (the first row)")
     parser.add_argument("--train_flags", default="", help="extra train_ddpm.py flags for our first row, e.g. "
                                                           "'--base_channels 16' (its UNet is everyone's size)")
+    parser.add_argument("--ema_length", type=float, default=0.0, help="also sample ours with the power EMA of this "
+                        "sigma_rel rebuilt after training (the preset must track --ema_profiles)")
+    parser.add_argument("--guide_epoch", type=int, default=0, help="with --ema_length: also sample ours autoguided "
+                        "by its own checkpoint of this epoch")
+    parser.add_argument("--guidance_scales", type=lambda text: [float(w) for w in text.split(",")], default=[2.0],
+                        help="autoguidance weights w, comma-separated (with --guide_epoch)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated subset of "
                                                                            + ", ".join(CONTENDERS))
     parser.add_argument("--reference_stats", help=".npz with mu and sigma of the reference (else the training set)")
@@ -346,6 +383,8 @@ def main():
         raise td.UserError(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
     if args.images < 1 or args.num_samples < 2:
         raise td.UserError("--images must be at least 1 and --num_samples at least 2")
+    if args.guide_epoch and not args.ema_length:
+        raise td.UserError("--guide_epoch needs --ema_length (the guide's power EMA is rebuilt at that length)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = race_config(args)
@@ -380,10 +419,10 @@ def main():
             rows.append(dict(label=label, params=f"{result['params'] / 1e6:.2f}M ({result['params'] / params:.2f}x)",
                              images=f"{seen:,} ({result['steps']:,} x {result['batch']})",
                              wall=duration(result["train_seconds"]),
-                             rate=f"{seen / result['train_seconds']:.0f}", sampler=f"{r['sampler']} {r['steps']}",
+                             rate=f"{seen / result['train_seconds']:.0f}", sampler=r["sampler"],
                              sampling=f"{r['seconds']:.0f}", fid="-" if fid is None else f"{fid:.2f}", kid=kid,
                              saturation=mean_saturation(images)))
-            panels.append((f"{label}, {r['sampler']} {r['steps']}", images))
+            panels.append((f"{key}, {r['sampler']}", images))
 
     reference = "not scored (--no_fid)" if scorer is None else scorer.name
     text = (f"{args.images:,} training images per contender on {args.data_dir}; N = {args.num_samples:,} samples "

@@ -3,6 +3,7 @@ scored; the table has its rows and the picture its panels. The numbers are not c
 measured in BENCHMARKS.md); that every row is made the way the script says is."""
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -52,22 +53,26 @@ def test_the_race_trains_samples_and_scores_every_installed_contender_and_draws_
     score = FID_WEIGHTS.is_file() and CIFAR_STATS.is_file() and importlib.util.find_spec("pytorch_fid") is not None
     # Scored the way BENCHMARKS.md's race is: against saved statistics, KID against a few training images.
     scoring = ["--fid_weights", FID_WEIGHTS, "--reference_stats", CIFAR_STATS, "--kid_images", 20]
-    args = ["--data_dir", data, "--images", 320, "--num_samples", 20, "--preset", "quick_test",
-            "--train_flags", f"{TOY_UNET} --timesteps 1000 --beta_start 1e-4 --beta_end 0.02", "--real_dir", data,
-            "--out", "race"]
+    # ours also from its power EMA rebuilt after training, and autoguided by its own epoch-1 checkpoint
+    ema = "--ema_profiles 0.05,0.1 --ema_snapshot_every 64"
+    args = ["--data_dir", data, "--images", 256, "--num_samples", 10, "--preset", "quick_test",
+            "--train_flags", f"{TOY_UNET} --timesteps 1000 --beta_start 1e-4 --beta_end 0.02 {ema}", "--real_dir",
+            data, "--ema_length", 0.05, "--guide_epoch", 1, "--guidance_scales", 2.5, "--out", "race"]
     result = run_bench(*args, *(scoring if score else ["--no_fid"]), cwd=tmp_path)
     assert result.returncode == 0, describe(result)
 
     names, rows = table_rows((tmp_path / "race" / "race.md").read_text())
     assert names == ["contender", "parameters", "training images", "wall time", "train images/s", "sampler",
-                     "sampling s", "FID@20", "KID x1e3", "mean saturation"]
+                     "sampling s", "FID@10", "KID x1e3", "mean saturation"]
     peers = {"diffusers": importlib.util.find_spec("diffusers"),
              "denoising-diffusion-pytorch": importlib.util.find_spec("denoising_diffusion_pytorch")}
     want = [("real images (data): the floor", "-", "-"),
-            ("ours (quick_test)", "320 (5 x 64)", "ddim 50"), ("ours (quick_test)", "320 (5 x 64)", "dpmpp2m 20"),
-            ("ours, ddpm_paper recipe", "384 (3 x 128)", "ddim 50")]
-    want += [("diffusers (train_unconditional.py)", "320 (20 x 16)", "ddim 50")] * bool(peers["diffusers"])
-    want += [("denoising-diffusion-pytorch", "320 (20 x 16)", "ddim 50")] * bool(peers["denoising-diffusion-pytorch"])
+            *[("ours (quick_test)", "256 (4 x 64)", sampler) for sampler in (
+                "ddim 50", "dpmpp2m 20", "dpmpp2m 20, EMA 0.05",
+                "dpmpp2m 20, EMA 0.05, autoguided by epoch 1, w 2.5")],
+            ("ours, ddpm_paper recipe", "256 (2 x 128)", "ddim 50")]
+    want += [("diffusers (train_unconditional.py)", "256 (16 x 16)", "ddim 50")] * bool(peers["diffusers"])
+    want += [("denoising-diffusion-pytorch", "256 (16 x 16)", "ddim 50")] * bool(peers["denoising-diffusion-pytorch"])
     assert [(r["contender"], r["training images"], r["sampler"]) for r in rows] == want
     # ours, its paper-recipe twin and diffusers' UNet2DModel are one architecture: exactly the same size
     same_size = [r["parameters"] for r in rows[1:] if not r["contender"].startswith("denoising")]
@@ -75,11 +80,21 @@ def test_the_race_trains_samples_and_scores_every_installed_contender_and_draws_
     for row in rows:
         assert 0 <= float(row["mean saturation"]) <= 255
         if score:
-            assert float(row["FID@20"]) >= 0 and re.fullmatch(r"-?\d+\.\d\d \+- \d+\.\d\d", row["KID x1e3"])
-    # the real row measures 20 of the folder's images: its saturation lies within theirs
+            assert float(row["FID@10"]) >= 0 and re.fullmatch(r"-?\d+\.\d\d \+- \d+\.\d\d", row["KID x1e3"])
+    # the real row measures 10 of the folder's images: its saturation lies within theirs
     real = np.stack([np.asarray(Image.open(p)) for p in sorted(data.rglob("*.png"))])
     per_image = (real.max(-1).astype(float) - real.min(-1)).mean(axis=(1, 2))
     assert per_image.min() <= float(rows[0]["mean saturation"]) <= per_image.max()
+
+    # the sampler named its files after the weights and the guide it used; from the same noise, the
+    # power EMA and then the guide changed the images
+    ours = json.loads((tmp_path / "race" / "ours" / "result.json").read_text())["rows"]
+    files = {path.parent.name: path.stem for path in (tmp_path / "race" / "ours").glob("*/*.npz")}
+    assert files["dpmpp2m-20--EMA-0-05"] == "samples_dpmpp2m20_ema0.05_seed0"
+    assert files["dpmpp2m-20--EMA-0-05--autoguided-by-epoch-1--w-2-5"] == \
+        "samples_dpmpp2m20_guide-ddpm_ts1000_epoch0001_ema0.05_w2.5_ema0.05_seed0"
+    images = [np.load(tmp_path / "race" / r["samples"])["arr_0"].astype(int) for r in ours]
+    assert (images[2] != images[1]).any() and (images[3] != images[2]).any()
 
     picture = Image.open(tmp_path / "race" / "race.png")
     panels = len(rows)  # three to a line, 10 x 5 images of 32 px under a 16 px label, 8 px apart
@@ -95,3 +110,5 @@ def test_the_race_trains_samples_and_scores_every_installed_contender_and_draws_
 def test_an_unknown_contender_is_one_line_of_error(tmp_path):
     result = run_bench("--data_dir", tmp_path, "--contenders", "ours,nope", cwd=tmp_path)
     assert_one_line_error(result, "nope", "lucidrains")
+    result = run_bench("--data_dir", tmp_path, "--guide_epoch", 1, cwd=tmp_path)
+    assert_one_line_error(result, "--guide_epoch", "--ema_length")
