@@ -107,7 +107,7 @@ def test_the_race_trains_samples_and_scores_every_installed_contender_and_draws_
     assert "=== ours" not in again.stdout
 
 
-def test_an_unknown_contender_is_one_line_of_error(tmp_path):
+def test_an_unknown_contender_or_a_guide_without_its_ema_is_one_line_of_error(tmp_path):
     result = run_bench("--data_dir", tmp_path, "--contenders", "ours,nope", cwd=tmp_path)
     assert_one_line_error(result, "nope", "lucidrains")
     result = run_bench("--data_dir", tmp_path, "--guide_epoch", 1, cwd=tmp_path)
