@@ -2664,9 +2664,31 @@ class Stopped(Exception):
         self.code = code
 
 
+def this_command():
+    return f"python {Path(sys.argv[0]).name or 'train_ddpm.py'}"
+
+
 def resume_command(checkpoint, procs):
     launcher = f" --num_gpus {procs.world}" if procs.world > 1 else ""
-    return f"python {Path(sys.argv[0]).name or 'train_ddpm.py'} --mode train --resume {checkpoint}{launcher}"
+    return f"{this_command()} --mode train --resume {checkpoint}{launcher}"
+
+
+def sample_command(cfg, last):
+    """The command that samples a finished run. With power-EMA profiles: from the EMA of length 0.05
+    (else the first profile), autoguided at w 2 by the run's last epoch checkpoint within the first
+    quarter of its epochs (else within the first half), that checkpoint's EMA of the same length: on
+    cpu_hour, guides from a sixth to a half of the run all gained, and w 2 to 2.5 was best
+    (BENCHMARKS.md, "Autoguidance" and "The quality race at 150,000 images")."""
+    command = f"{this_command()} --mode sample --checkpoint {last}"
+    epochs = {int(m[1]): path for path in epoch_checkpoints(Path(last).parent)
+              if (m := re.fullmatch(r".*_epoch(\d+)\.pt", path.name))}
+    last_epoch = max(epochs, default=0)
+    early = [e for e in epochs if e <= last_epoch / 4] or [e for e in epochs if e <= last_epoch / 2]
+    if not cfg.ema_profiles or not early:
+        return command
+    length = f"{0.05 if 0.05 in cfg.ema_profiles else cfg.ema_profiles[0]:g}"
+    return (f"{command} --ema_length {length} --guide {epochs[max(early)]} --guide_ema_length {length} "
+            f"--guidance_scale 2")
 
 
 def stop_message(stop, signum, saver, procs):
@@ -3541,6 +3563,8 @@ def main(argv=None):
             last = train(cfg, resume_from=ckpt)
             print(f"done; last checkpoint {last}")
             print(f"plot the loss: python plot_loss.py {Path(cfg.checkpoint_dir) / cfg.run_name}")
+            if last:
+                print(f"sample it: {sample_command(cfg, last)}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

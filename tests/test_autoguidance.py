@@ -2,6 +2,7 @@
 noise predictors, then through the real command line (sampling, previews and FID during training)."""
 
 import importlib.util
+import shlex
 
 import numpy as np
 import pytest
@@ -75,8 +76,10 @@ def test_a_guide_needs_a_spec_that_names_it_and_a_named_guide_needs_its_model():
 def run(tmp_path_factory, cifar_dir):
     """Three epochs of the tiny model with power-EMA profiles: epoch 1 is a weaker guide for the last."""
     root = tmp_path_factory.mktemp("autoguided")
-    assert_ok(run_cli(*TINY, "--epochs", "3", "--sample_every", "0", "--data_dir", cifar_dir, "--ema_profiles",
-                      "0.05,0.12", "--ema_snapshot_every", "32", cwd=root))
+    result = run_cli(*TINY, "--epochs", "3", "--sample_every", "0", "--data_dir", cifar_dir, "--ema_profiles",
+                     "0.05,0.12", "--ema_snapshot_every", "32", cwd=root)
+    assert_ok(result)
+    (root / "train.out").write_text(result.stdout)
     return root
 
 
@@ -95,8 +98,14 @@ def test_sampling_autoguided_by_an_earlier_checkpoint_of_the_run(run):
     assert not np.array_equal(guided, alone)
     _, by_itself = sample(run, "--guide", f"checkpoints/{RUN}/latest.pt", "--guidance_scale", "2.5", out="itself")
     assert np.array_equal(by_itself, alone)
-    name, _ = sample(run, "--guide", early, "--guide_ema_length", "0.05", "--guidance_scale", "2", out="ema")
-    assert name == "samples_ddim4_eta0_guide-ddpm_ts20_epoch0001_ema0.05_w2_seed0.npz"
+    # the command a finished run prints: its power EMA 0.05 autoguided by its epoch-1 checkpoint's, w 2
+    command = (run / "train.out").read_text().split("sample it: ")[1].splitlines()[0]
+    assert command == (f"python train_ddpm.py --mode sample --checkpoint checkpoints/{RUN}/ddpm_ts20_epoch0003.pt "
+                       f"--ema_length 0.05 --guide {early} --guide_ema_length 0.05 --guidance_scale 2")
+    assert_ok(run_cli(*shlex.split(command)[2:], "--num_samples", "3", "--sampler", "ddim", "--sampling_steps", "4",
+                      "--out", "ema", cwd=run))
+    assert [p.name for p in (run / "ema").glob("*.npz")] == [
+        "samples_ddim4_eta0_guide-ddpm_ts20_epoch0001_ema0.05_w2_ema0.05_seed0.npz"]
 
 
 def tiny_checkpoint(path, classes=(), **changes):

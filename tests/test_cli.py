@@ -167,6 +167,13 @@ def test_two_epochs_on_cifar_pickles_write_checkpoints_config_log_and_previews(t
         assert_valid_png(trained.samples / name, min_size=(4 * 32, 32))  # a grid of num_preview=4
 
 
+def test_a_finished_run_prints_how_to_plot_and_sample_it(trained):
+    # without power-EMA profiles the plain command: an autoguide's EMA would need them (test_autoguidance)
+    assert f"plot the loss: python plot_loss.py checkpoints/{RUN}\n" in trained.result.stdout
+    assert (f"sample it: python train_ddpm.py --mode sample --checkpoint checkpoints/{RUN}/ddpm_ts20_epoch0002.pt\n"
+            in trained.result.stdout), trained.result.stdout
+
+
 def test_the_default_run_name_is_the_preset_and_timesteps(trained):
     assert trained.run_dir.name == "quick_test_ts20"
     assert re.search(r"^\s*run_name\s+quick_test_ts20\s*$", trained.result.stdout, re.M), trained.result.stdout
