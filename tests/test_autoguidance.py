@@ -101,7 +101,8 @@ def test_sampling_autoguided_by_an_earlier_checkpoint_of_the_run(run):
     # the command a finished run prints: its power EMA 0.05 autoguided by its epoch-1 checkpoint's, w 2
     command = (run / "train.out").read_text().split("sample it: ")[1].splitlines()[0]
     assert command == (f"python train_ddpm.py --mode sample --checkpoint checkpoints/{RUN}/ddpm_ts20_epoch0003.pt "
-                       f"--ema_length 0.05 --guide {early} --guide_ema_length 0.05 --guidance_scale 2")
+                       f"--sampler dpmpp2m --sampling_steps 20 --ema_length 0.05 --guide {early} "
+                       f"--guide_ema_length 0.05 --guidance_scale 2")
     assert_ok(run_cli(*shlex.split(command)[2:], "--num_samples", "3", "--sampler", "ddim", "--sampling_steps", "4",
                       "--out", "ema", cwd=run))
     assert [p.name for p in (run / "ema").glob("*.npz")] == [
