@@ -116,12 +116,13 @@ def our_samplings(args, key, run, timesteps):
     samplings.append((dpm, ["--sampler", "dpmpp2m", "--sampling_steps", "20"]))
     if args.ema_length:
         length, ema = f"{args.ema_length:g}", f"{dpm}, EMA {args.ema_length:g}"
-        samplings.append((ema, samplings[-1][1] + ["--ema_length", length]))
-        guide = ["--guide", str(run / f"ddpm_ts{timesteps}_epoch{args.guide_epoch:04d}.pt"),
-                 "--guide_ema_length", length]
-        samplings += [(f"{ema}, autoguided by epoch {args.guide_epoch}, w {w:g}",
-                       samplings[-1][1] + guide + ["--guidance_scale", f"{w:g}"])
-                      for w in args.guidance_scales if args.guide_epoch]
+        ema_flags = samplings[-1][1] + ["--ema_length", length]
+        samplings.append((ema, ema_flags))
+        if args.guide_epoch:
+            guide = ["--guide", str(run / f"ddpm_ts{timesteps}_epoch{args.guide_epoch:04d}.pt"),
+                     "--guide_ema_length", length]
+            samplings += [(f"{ema}, autoguided by epoch {args.guide_epoch}, w {w:g}",
+                           ema_flags + guide + ["--guidance_scale", f"{w:g}"]) for w in args.guidance_scales]
     return samplings
 
 
