@@ -20,7 +20,6 @@ OUT/grid_<variant>.png for every variant after the first.
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,11 +102,6 @@ def score_real(args, out, scorer):
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(dict(fid=fid, kid=kid, saturation=bq.mean_saturation(images))))
     return json.loads(cache.read_text())
-
-
-def variant_name(flags):
-    """The cache and file suffix of a --sample_flags variant: '' for the run's own settings."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", flags).strip("-")
 
 
 def variant_label(flags, run_clip):
@@ -204,7 +198,7 @@ def main():
     scorer = bq.Scorer(args, out)
     rows = []
     for path, minutes, step, batch in checkpoints_to_score(run, args.every):
-        scores = {v: score(args, out, scorer, path, "_".join(filter(None, (path.stem, variant_name(v)))), v.split())
+        scores = {v: score(args, out, scorer, path, "_".join(filter(None, (path.stem, bq.variant_slug(v)))), v.split())
                   for v in variants}
         rows.append(dict(path=path, minutes=minutes, step=step, images=step * batch, **scores))
     run_clip = td.config_from_dict(td.read_checkpoint(rows[-1]["path"])["config"]).clip_x0
@@ -214,7 +208,7 @@ def main():
     print("\n" + text)
     (out / "curve.md").write_text(text + "\n")
     write_plot(rows, variants, run_clip, out / "curve.png", args.num_samples, floor and floor["fid"])
-    grids = [out / "grid.png"] + [out / f"grid_{variant_name(v) or 'run'}.png" for v in variants[1:]]
+    grids = [out / "grid.png"] + [out / f"grid_{bq.variant_slug(v) or 'run'}.png" for v in variants[1:]]
     for v, grid in zip(variants, grids):
         write_grid(np.load(rows[-1][v]["samples"])["arr_0"], grid)
     print(f"\nwrote {out / 'curve.md'}, {out / 'curve.png'} and {', '.join(map(str, grids))}")

@@ -11,6 +11,7 @@ then scores its last checkpoint (DPM-Solver++(2M), 20 steps, --num_samples image
 against --reference_stats): with its classic --ema_decay EMA, with the power EMA of each
 --ema_lengths value rebuilt after training (--ema_length), and, with --guides, autoguided by an
 earlier checkpoint of the same run at each --scales w, the main model at the seed's best length.
+--sample_flags changes how every row samples (e.g. the 100-step ancestral sampler).
 Prints one Markdown table, writes OUT/ema.md and OUT/ema.png (FID against sigma_rel, and against w).
 Scores are cached: a rerun with more lengths, guides or scales only does what is missing.
 """
@@ -44,6 +45,10 @@ def arguments():
                                                      "ddpm_ts1000_epoch0001.pt; NAME:SIGMA_REL rebuilds the guide's "
                                                      "EMA at that length")
     parser.add_argument("--scales", default="1.5,2,3", help="autoguidance weights w")
+    parser.add_argument("--sample_flags", default="",
+                        help="train_ddpm.py sampling flags for every row, after the default DPM-Solver++(2M) 20 steps "
+                             "(e.g. \"--sampler ddpm --sampling_steps 100 --var_type fixedsmall\"); part of the "
+                             "cache names")
     parser.add_argument("--no_classic", dest="classic", action="store_false",
                         help="score only the power EMAs, not the classic --ema_decay one (to compare training "
                              "recipes at their best post-hoc length)")
@@ -71,27 +76,32 @@ def main():
     runs = {seed: train_run(args, seed) for seed in seeds}
     scorer = bq.Scorer(args, Path(args.out))
     results, best = {}, {}  # (setting, seed) -> score; seed -> best sigma_rel
+    sampling, tag = args.sample_flags.split(), bq.variant_slug(args.sample_flags)
+
+    def score(seed_args, out, last, name, flags=()):
+        return bch.score(seed_args, out, scorer, last, "_".join(filter(None, (name, tag))), [*flags, *sampling])
+
     for seed, run in runs.items():
         out, last = Path(args.out) / f"seed{seed}", run / "latest.pt"
         seed_args = copy.copy(args)
         seed_args.seed = seed
         if args.classic:
             ema = td.read_checkpoint(last)["config"]["ema_decay"]
-            results[f"EMA decay {ema:g} (classic)", seed] = bch.score(seed_args, out, scorer, last, "classic")
+            results[f"EMA decay {ema:g} (classic)", seed] = score(seed_args, out, last, "classic")
         for s in lengths:
-            results[f"power EMA {s:g}", seed] = bch.score(seed_args, out, scorer, last, f"ema{s:g}",
-                                                          ["--ema_length", str(s)])
+            results[f"power EMA {s:g}", seed] = score(seed_args, out, last, f"ema{s:g}", ["--ema_length", str(s)])
         best[seed] = min(lengths, key=lambda s: results[f"power EMA {s:g}", seed]["fid"])
         for guide in guides:
             for w in scales:
                 flags = ["--ema_length", str(best[seed]), *guide_flags(run, guide), "--guidance_scale", str(w)]
-                results[f"autoguided by {guide}, w {w:g}", seed] = bch.score(
-                    seed_args, out, scorer, last, bch.variant_name(f"ema{best[seed]:g} {guide} w{w:g}"), flags)
+                results[f"autoguided by {guide}, w {w:g}", seed] = score(
+                    seed_args, out, last, bq.variant_slug(f"ema{best[seed]:g} {guide} w{w:g}"), flags)
     settings = list(dict.fromkeys(setting for setting, _ in results))
     header = " | ".join(f"FID@{args.num_samples} seed {s} | KID x1e3 seed {s}" for s in seeds)
+    sampler = "DPM-Solver++(2M) 20 steps" + (f" with {args.sample_flags} on top" if sampling else "")
     lines = [f"{args.preset} {args.train_flags} --max_steps {args.steps} --ema_profiles {args.profiles} "
              f"--ema_snapshot_every {args.snapshot_every}: FID@{args.num_samples} and KID of its last checkpoint "
-             f"against {scorer.name}, DPM-Solver++(2M) 20 steps; autoguided rows use each seed's best power EMA "
+             f"against {scorer.name}, {sampler}; autoguided rows use each seed's best power EMA "
              f"({', '.join(f'seed {s}: {best[s]:g}' for s in seeds)})", "",
              f"| weights | {header} | mean FID |", "|---|" + "---|---|" * len(seeds) + "---|"]
     for setting in settings:

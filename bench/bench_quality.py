@@ -39,6 +39,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -127,7 +128,8 @@ def our_samplings(args, key, run, timesteps):
 
 
 def variant_slug(label):
-    return "".join(c if c.isalnum() else "-" for c in label).strip("-")
+    """A label as a file or folder name: each run of characters other than letters and digits is one '-'."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
 
 
 def sample_row(out, key, sampler, seconds, images):

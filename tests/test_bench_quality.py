@@ -90,8 +90,8 @@ def test_the_race_trains_samples_and_scores_every_installed_contender_and_draws_
     # power EMA and then the guide changed the images
     ours = json.loads((tmp_path / "race" / "ours" / "result.json").read_text())["rows"]
     files = {path.parent.name: path.stem for path in (tmp_path / "race" / "ours").glob("*/*.npz")}
-    assert files["dpmpp2m-20--EMA-0-05"] == "samples_dpmpp2m20_ema0.05_seed0"
-    assert files["dpmpp2m-20--EMA-0-05--autoguided-by-epoch-1--w-2-5"] == \
+    assert files["dpmpp2m-20-EMA-0-05"] == "samples_dpmpp2m20_ema0.05_seed0"
+    assert files["dpmpp2m-20-EMA-0-05-autoguided-by-epoch-1-w-2-5"] == \
         "samples_dpmpp2m20_guide-ddpm_ts1000_epoch0001_ema0.05_w2.5_ema0.05_seed0"
     images = [np.load(tmp_path / "race" / r["samples"])["arr_0"].astype(int) for r in ours]
     assert (images[2] != images[1]).any() and (images[3] != images[2]).any()
