@@ -2678,8 +2678,10 @@ def sample_command(cfg, last):
     from the EMA of length 0.05 (else the first profile), autoguided at w 2 by the run's last epoch
     checkpoint within the first quarter of its epochs (else within the first half), that
     checkpoint's EMA of the same length: on cpu_hour, guides from a sixth to a half of the run all
-    gained, w 2 to 2.5 was best, and 100 ancestral steps scored no better guided than these 20
-    (BENCHMARKS.md, "Autoguidance" and "The quality race at 150,000 images")."""
+    gained, w 2 to 2.5 was best, this rule's choice (epoch 3 of 12, w 2) scored within 1.5 FID of
+    the best measured after the hour, and 100 ancestral steps scored no better guided than these 20
+    (BENCHMARKS.md, "Autoguidance", "The uniform hour autoguided", "The quality race at 150,000
+    images")."""
     command = f"{this_command()} --mode sample --checkpoint {last}"
     epochs = {int(m[1]): path for path in epoch_checkpoints(Path(last).parent)
               if (m := re.fullmatch(r".*_epoch(\d+)\.pt", path.name))}
