@@ -60,13 +60,10 @@ from tqdm.auto import tqdm
 
 # --- Config and presets ------------------------------------------------------------------------
 
-# Training's timestep densities, as mixtures of (weight, component): a component is a normal (mean,
-# std) of the log-SNR lambda = log(abar / (1 - abar)), or None for uniform over the T steps. EDM
-# (Karras et al. 2022, Table 1): log sigma ~ N(-1.2, 1.2^2), and sigma^2 = 1 / SNR, so lambda =
-# -2 log sigma ~ N(2.4, 2.4^2).
-EDM_LOGSNR = (2.4, 2.4)
-T_SAMPLING = {"uniform": ((1.0, None),), "lognormal": ((1.0, EDM_LOGSNR),),
-              "mixed": ((0.5, None), (0.5, EDM_LOGSNR))}
+# Training's timestep densities, as a normal (mean, std) of the log-SNR lambda = log(abar / (1 - abar))
+# that each draws (None: uniform over the T steps). EDM (Karras et al. 2022, Table 1): log sigma ~
+# N(-1.2, 1.2^2), and sigma^2 = 1 / SNR, so lambda = -2 log sigma ~ N(2.4, 2.4^2).
+T_SAMPLING = {"uniform": None, "lognormal": (2.4, 2.4)}
 
 
 class UserError(Exception):
@@ -145,11 +142,10 @@ class Config:
     beta_end: float = _field(0.02, "last beta of the linear schedule", arch=True)
     cosine_s: float = _field(0.008, "offset s of the cosine schedule (Nichol & Dhariwal 2021)", arch=True)
     # where training spends its noise levels
-    t_sampling: str = _field("uniform", "how training draws each image's timestep: uniform over [0, T) (Ho et al.), "
-                                        "lognormal (EDM's log sigma ~ N(-1.2, 1.2^2), sigma = "
+    t_sampling: str = _field("uniform", "how training draws each image's timestep: uniform over [0, T) (Ho et al.) "
+                                        "or lognormal (EDM's log sigma ~ N(-1.2, 1.2^2), sigma = "
                                         "sqrt((1 - abar) / abar), as that density's mass in each timestep's log-SNR "
-                                        "interval), or mixed (half of the draws each)",
-                                        choices=tuple(T_SAMPLING))
+                                        "interval)", choices=tuple(T_SAMPLING))
     # optimisation
     learning_rate: float = _field(2e-4, "peak AdamW learning rate", aliases=("lr",), menu=2)
     weight_decay: float = _field(0.0, "AdamW weight decay (0 makes it Adam, as in the paper)")
@@ -1601,11 +1597,6 @@ def timestep_probabilities(alphas_cumprod, logsnr_normal):
     return cdf[:-1] - cdf[1:]
 
 
-def t_sampling_table(alphas_cumprod, t_sampling):
-    """P(t) of the density --t_sampling names: its components' tables, weighted."""
-    return sum(w * timestep_probabilities(alphas_cumprod, normal) for w, normal in T_SAMPLING[t_sampling])
-
-
 class TrainingNoise:
     """What training adds to its images: each step's timesteps (drawn by --t_sampling's density)
     and noise, drawn for the whole global batch from (seed, step) alone, then sliced to this rank's
@@ -1613,8 +1604,8 @@ class TrainingNoise:
 
     def __init__(self, diffusion, t_sampling="uniform"):
         self.num_timesteps, self.cdf = diffusion.num_timesteps, None
-        if t_sampling != "uniform":  # inverse-CDF draws from the host table
-            probs = t_sampling_table(diffusion.alphas_cumprod_host, t_sampling)
+        if T_SAMPLING[t_sampling] is not None:  # inverse-CDF draws from the host table
+            probs = timestep_probabilities(diffusion.alphas_cumprod_host, T_SAMPLING[t_sampling])
             self.cdf = torch.from_numpy(np.cumsum(probs)).to(diffusion.betas.device)
 
     def draw(self, global_shape, shard, generator, seed, step):

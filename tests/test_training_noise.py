@@ -32,7 +32,7 @@ def test_lognormal_is_edms_log_sigma_density():
     noise-to-signal ratio of the VP latent, sqrt((1 - abar) / abar)."""
     diffusion = fine_cosine_diffusion()
     abar = diffusion.alphas_cumprod_host
-    p = td.t_sampling_table(abar, "lognormal")
+    p = td.timestep_probabilities(abar, td.T_SAMPLING["lognormal"])
     assert p.sum() == pytest.approx(1, abs=1e-12) and (p >= 0).all()
     mean, std = weighted_moments(0.5 * np.log((1 - abar) / abar), p)
     assert mean == pytest.approx(-1.2, abs=2e-3) and std == pytest.approx(1.2, abs=2e-3)
@@ -45,21 +45,14 @@ def test_a_timestep_gets_the_normal_mass_between_the_midpoints_to_its_neighbours
     assert p == pytest.approx([1 - phi, 2 * phi - 1, 1 - phi], abs=1e-12)
 
 
-def test_mixed_is_half_uniform_half_lognormal():
-    abar = fine_cosine_diffusion(2_000).alphas_cumprod_host
-    p = td.t_sampling_table(abar, "mixed")
-    assert p.sum() == pytest.approx(1, abs=1e-12)
-    assert p == pytest.approx(0.5 / len(abar) + 0.5 * td.timestep_probabilities(abar, (2.4, 2.4)), abs=1e-15)
-
-
-@pytest.mark.parametrize("kind", ["uniform", "lognormal", "mixed"])
+@pytest.mark.parametrize("kind", ["uniform", "lognormal"])
 def test_the_drawn_timesteps_follow_their_table(kind):
     diffusion = td.GaussianDiffusion(td.make_beta_schedule("linear", 40, 2.5e-3, 0.5))
     noise = td.TrainingNoise(diffusion, kind)
     t, _ = noise.draw((200_000, 1, 1, 1), slice(None), torch.Generator(), seed=3, step=0)
     assert t.dtype == torch.int64 and 0 <= t.min() and t.max() < 40
     counts = np.bincount(t.numpy(), minlength=40)
-    want = 200_000 * td.t_sampling_table(diffusion.alphas_cumprod_host, kind)
+    want = 200_000 * td.timestep_probabilities(diffusion.alphas_cumprod_host, td.T_SAMPLING[kind])
     assert np.abs(counts - want).max() < 5 * np.sqrt(want.max()) + 5  # within 5 standard deviations
 
 
