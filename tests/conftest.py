@@ -1,8 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The tests run in one pytest-xdist worker per core (pytest.ini), and most start the script in a
+# subprocess: one thread each, so that two workers' OpenMP pools never wait on one another's cores.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

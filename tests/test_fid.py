@@ -287,9 +287,9 @@ def test_missing_weights_file_is_a_user_error(tmp_path):
 @pytest.fixture
 def all_cores():
     # 330 images through the real Inception: big convolutions that every core speeds up, unlike the
-    # tiny tensors for which the test session runs on one thread.
+    # tiny tensors for which the test session runs on one thread. This worker's share of the cores.
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
     yield
     torch.set_num_threads(threads)
 
