@@ -47,7 +47,6 @@ import traceback
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -132,10 +131,6 @@ class Config:
                                     arch=True, legacy=1)
     norm_eps: float = _field(1e-6, "GroupNorm epsilon (the paper's TensorFlow value; checkpoints from before "
                                    "this option used PyTorch's 1e-5)", arch=True, legacy=1e-5)
-    time_conditioning: str = _field("add", "how a residual block takes the timestep embedding: add it to the "
-                                           "features (the paper), or scale_shift them after the second GroupNorm, "
-                                           "norm(h) * (1 + scale) + shift (ADM's AdaGN, Dhariwal & Nichol 2021)",
-                                    choices=("add", "scale_shift"), arch=True, legacy="add")
     downsample_padding: str = _field("same", "padding of the stride-2 downsampling conv: same pads bottom and right "
                                              "only (TensorFlow, the paper), symmetric pads every side (checkpoints "
                                              "from before this option)", choices=("same", "symmetric"), arch=True,
@@ -675,15 +670,13 @@ class AttnBlock(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the timestep embedding added in between (or, with scale_shift, scaling
-    and shifting the second GroupNorm's output, ADM's AdaGN), optional attention after."""
+    """GroupNorm-SiLU-conv twice, the timestep embedding added in between, optional attention after."""
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout, attn=False, norm=Norm(), scale_shift=False):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout, attn=False, norm=Norm()):
         super().__init__()
         self.norm1 = norm(in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.scale_shift = scale_shift
-        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
         self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
@@ -692,13 +685,8 @@ class ResBlock(nn.Module):
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
-        e = self.emb_proj(F.silu(emb))[:, :, None, None]
-        if self.scale_shift:  # Dhariwal & Nichol 2021, Sec. 3: AdaGN(h, y) = y_s GroupNorm(h) + y_b
-            scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
-        else:
-            h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.attn(self.skip(x) + h)
 
 
@@ -738,8 +726,6 @@ class UNet(nn.Module):
         self.base_channels, self.num_classes = base_channels, num_classes
         self.grad_checkpointing = False  # how it trains, not what it is: set by build_model, not saved
         norm = Norm(cfg.norm_groups, cfg.norm_eps, cfg.norm_min_channels)
-        block = partial(ResBlock, emb_dim=emb_dim, dropout=dropout, norm=norm,
-                        scale_shift=cfg.time_conditioning == "scale_shift")
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if num_classes:
             # A learned vector per class added to the timestep embedding (as improved-diffusion and
@@ -752,7 +738,7 @@ class UNet(nn.Module):
         ch, res = base_channels, cfg.image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(cfg.num_res_blocks):
-                self.down.append(block(ch, base_channels * mult, attn=res in attn_at))
+                self.down.append(ResBlock(ch, base_channels * mult, emb_dim, dropout, res in attn_at, norm))
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level < len(channel_mults) - 1:
@@ -760,12 +746,14 @@ class UNet(nn.Module):
                 res //= 2
                 skip_channels.append(ch)
 
-        self.mid = nn.ModuleList([block(ch, ch, attn=cfg.use_attention), block(ch, ch)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout, cfg.use_attention, norm),
+                                  ResBlock(ch, ch, emb_dim, dropout, norm=norm)])
 
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(block(ch + skip_channels.pop(), base_channels * mult, attn=res in attn_at))
+                self.up.append(ResBlock(ch + skip_channels.pop(), base_channels * mult, emb_dim, dropout,
+                                        res in attn_at, norm))
                 ch = base_channels * mult
             if level > 0:
                 self.up.append(Upsample(ch))
@@ -4192,9 +4180,7 @@ UNET2D_DEFAULTS = dict(sample_size=None, in_channels=3, out_channels=3, center_i
 UNET2D_REQUIRED = dict(in_channels=3, out_channels=3, center_input_sample=False, time_embedding_type="positional",
                        freq_shift=1, flip_sin_to_cos=False, mid_block_type="UNetMidBlock2D", mid_block_scale_factor=1,
                        downsample_type="conv", upsample_type="conv", act_fn="silu",
-                       class_embed_type=None, num_class_embeds=None)
-# Our --time_conditioning as UNet2DModel's resnet_time_scale_shift, and back.
-DIFFUSERS_TIME_CONDITIONING = {"add": "default", "scale_shift": "scale_shift"}
+                       resnet_time_scale_shift="default", class_embed_type=None, num_class_embeds=None)
 # diffusers before 0.15 named the attention weights query/key/value/proj_attn.
 DEPRECATED_ATTENTION_NAMES = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
 
@@ -4308,14 +4294,8 @@ def config_from_diffusers(unet, scheduler, where):
     attention_widths = [widths[level] for level in attn_levels] + ([widths[-1]] if unet["add_attention"] else [])
     refuse_if(unet["attention_head_dim"] is not None and any(w != unet["attention_head_dim"] for w in attention_widths),
               "attention_head_dim", unet["attention_head_dim"], "single-head attention: null or the attention width")
-    time_conditioning = {v: k for k, v in DIFFUSERS_TIME_CONDITIONING.items()}.get(unet["resnet_time_scale_shift"])
-    refuse_if(time_conditioning is None, "resnet_time_scale_shift", unet["resnet_time_scale_shift"],
-              "default or scale_shift")
     refuse_if(unet["attn_norm_num_groups"] not in (None, unet["norm_num_groups"]),
               "attn_norm_num_groups", unet["attn_norm_num_groups"], "the same groups as norm_num_groups")
-    # with resnet_time_scale_shift other than default, None gives the middle attention no GroupNorm
-    refuse_if(time_conditioning == "scale_shift" and unet["add_attention"] and unet["attn_norm_num_groups"] is None,
-              "attn_norm_num_groups", None, "with scale_shift, the middle attention's GroupNorm needs norm_num_groups")
     refuse_if(unet["downsample_padding"] not in (0, 1), "downsample_padding", unet["downsample_padding"],
               "0 (TensorFlow SAME) or 1")
 
@@ -4335,7 +4315,6 @@ def config_from_diffusers(unet, scheduler, where):
                   dropout=float(unet["dropout"]), emb_dim=unet["time_embedding_dim"] or 4 * base,
                   norm_groups=groups, norm_min_channels=min(Config.norm_min_channels, min(widths) // groups), norm_eps=float(unet["norm_eps"]),
                   downsample_padding="same" if unet["downsample_padding"] == 0 else "symmetric",
-                  time_conditioning=time_conditioning,
                   timesteps=scheduler["num_train_timesteps"], schedule_type=schedules[scheduler["beta_schedule"]],
                   beta_start=float(scheduler["beta_start"]), beta_end=float(scheduler["beta_end"]), cosine_s=0.008,
                   clip_x0=clip_from_diffusers(scheduler, refuse_if), run_name=Path(where).resolve().name)
@@ -4403,9 +4382,7 @@ def diffusers_configs(cfg):
                 up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
                 layers_per_block=cfg.num_res_blocks, downsample_padding=0 if cfg.downsample_padding == "same" else 1,
                 dropout=cfg.dropout, attention_head_dim=None, norm_num_groups=cfg.norm_groups,
-                attn_norm_num_groups=cfg.norm_groups if cfg.time_conditioning == "scale_shift" else None,
-                norm_eps=cfg.norm_eps, add_attention=cfg.use_attention,
-                resnet_time_scale_shift=DIFFUSERS_TIME_CONDITIONING[cfg.time_conditioning])
+                attn_norm_num_groups=None, norm_eps=cfg.norm_eps, add_attention=cfg.use_attention)
     scheduler = dict(_class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
                      num_train_timesteps=cfg.timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
                      beta_schedule="linear" if cfg.schedule_type == "linear" else "squaredcos_cap_v2",

@@ -30,11 +30,10 @@ PAPER_UNET = dict(sample_size=32, in_channels=3, out_channels=3, block_out_chann
 PAPER_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                        variance_type="fixed_small", clip_sample=True)
 # Narrower, two levels, attention at full resolution only, 8 groups, PyTorch's eps, symmetric padding,
-# a time embedding that is not 4x the width, scale-shift (AdaGN) time conditioning, and a cosine schedule.
+# a time embedding that is not 4x the width, and a cosine schedule.
 REDUCED_UNET = dict(PAPER_UNET, sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
                     down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
-                    norm_num_groups=8, norm_eps=1e-5, downsample_padding=1, time_embedding_dim=40,
-                    resnet_time_scale_shift="scale_shift", attn_norm_num_groups=8)
+                    norm_num_groups=8, norm_eps=1e-5, downsample_padding=1, time_embedding_dim=40)
 REDUCED_SCHEDULER = dict(PAPER_SCHEDULER, num_train_timesteps=50, beta_schedule="squaredcos_cap_v2")
 
 
@@ -86,7 +85,6 @@ def test_the_paper_config_is_our_ddpm_paper_preset_and_the_reduced_one_its_own_f
     assert (reduced.image_size, reduced.base_channels, reduced.channel_mults, reduced.num_res_blocks) == (16, 16, (1, 2), 1)
     assert (reduced.attn_resolutions, reduced.norm_groups, reduced.norm_eps, reduced.emb_dim) == ((16,), 8, 1e-5, 40)
     assert (reduced.downsample_padding, reduced.schedule_type, reduced.timesteps) == ("symmetric", "cosine", 50)
-    assert (paper.time_conditioning, reduced.time_conditioning) == ("add", "scale_shift")
 
 
 def test_a_lone_unet_folder_with_old_attention_names_in_a_bin_file_loads_with_the_default_schedule(tmp_path):
@@ -137,7 +135,7 @@ def loading_warnings(caplog, load):
     (dict(preset="ddpm_paper"), False),
     (dict(preset="quick_test", image_size=16, channel_mults=(1, 2), attn_resolutions=(16,), norm_groups=8,
           emb_dim=40, schedule_type="cosine", timesteps=50, downsample_padding="symmetric", norm_eps=1e-5,
-          time_conditioning="scale_shift", clip_x0="dynamic"), True),
+          clip_x0="dynamic"), True),
     # every preset's model, narrowed to two levels of one block (its widths, so its group counts, kept)
     *[(dict(preset=name, image_size=16, channel_mults=td.Config(**td.PRESETS[name]).channel_mults[:2],
             num_res_blocks=1, class_conditional=False,
@@ -343,8 +341,6 @@ def test_fine_tune_a_diffusers_folder_then_sample_export_and_load_it_back(tmp_pa
     ("unet", "down_block_types", ["CrossAttnDownBlock2D", "DownBlock2D"]),
     ("unet", "attention_head_dim", 8),
     ("unet", "flip_sin_to_cos", True),
-    ("unet", "resnet_time_scale_shift", "ada_group"),
-    ("unet", "attn_norm_num_groups", None),  # with scale_shift: a middle attention without GroupNorm
 ], ids=lambda v: str(v) if not isinstance(v, list) else "blocks")
 def test_a_diffusers_config_we_cannot_reproduce_is_refused_naming_the_key(where, key, value):
     unet, scheduler = dict(REDUCED_UNET), dict(REDUCED_SCHEDULER, thresholding=True)
